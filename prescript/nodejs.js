@@ -1,0 +1,50 @@
+// sandq prescript for Node.js, rendered once per run.
+//
+// By the time this file runs, the worker has already applied every layer of
+// the lock-down (namespaces, read-only root, rlimits, cgroup, uid/gid drop,
+// no_new_privs, seccomp) before exec: user code can redefine any global it
+// likes, there is no unfiltered moment left for it to exploit. This file only
+// checks that the lock-down is in place, decodes the job and runs it.
+//
+// Placeholders (each filled once, in this order): uid, gid, enable_network,
+// preload, code, each written in double braces below.
+// The code and preload travel XOR-ed with a fresh 512-bit key and
+// base64-encoded; the key arrives separately, on fd 3, and never touches disk.
+'use strict';
+const sandq = (() => {
+  const fs = require('fs');
+  const keyText = fs.readFileSync(3, 'latin1');
+  fs.closeSync(3);
+  try {
+    fs.unlinkSync(__filename);
+  } catch (_) {
+    // already gone
+  }
+  if (process.getuid() !== {{uid}} || process.getgid() !== {{gid}} || process.getuid() === 0) {
+    process.stderr.write('sandq: the sandbox identity check failed; refusing to run\n');
+    process.exit(125);
+  }
+  const key = Buffer.from(keyText, 'base64');
+  const reveal = (blob) => {
+    const data = Buffer.from(blob, 'base64');
+    for (let i = 0; i < data.length; i++) data[i] ^= key[i % key.length];
+    return data.toString('utf8');
+  };
+  return {
+    network: {{enable_network}},
+    preload: reveal('{{preload}}'),
+    code: reveal('{{code}}'),
+    require: require('module').createRequire('/tmp/code.js'),
+    vm: require('vm'),
+  };
+})();
+
+// Each part runs as the body of a CommonJS module, so `require`, `module` and
+// `exports` behave as in a file, and stack traces name `<preload>`/`<code>`.
+for (const [name, text] of [['<preload>', sandq.preload], ['<code>', sandq.code]]) {
+  if (!text) continue;
+  const wrapper = '(function (exports, require, module, __filename, __dirname) {' + text + '\n})';
+  const fn = sandq.vm.runInThisContext(wrapper, { filename: name });
+  const mod = { exports: {} };
+  fn.call(mod.exports, mod.exports, sandq.require, mod, '/tmp/code.js', '/tmp');
+}

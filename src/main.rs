@@ -1,0 +1,31 @@
+//! `sandq`: parse the command line, start logging, run the subcommand, map
+//! failures to exit codes (2 configuration, 3 sandbox, 4 Redis, 1 other).
+
+use clap::Parser;
+use sandq::cli;
+use sandq::config::{Cli, Command};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SANDQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match args.command {
+        Command::Worker(a) => cli::worker(a).map(|_| ExitCode::SUCCESS),
+        Command::Run(a) => cli::run(a, false),
+        Command::Profile(a) => cli::run(a, true),
+        Command::Submit(a) => cli::submit(a),
+        Command::Doctor(a) => Ok(cli::doctor(a)),
+        Command::Healthcheck { url } => Ok(cli::healthcheck(&url)),
+    };
+    result.unwrap_or_else(|e| {
+        tracing::error!("{e}");
+        eprintln!("sandq: {e}");
+        ExitCode::from(e.exit_code())
+    })
+}

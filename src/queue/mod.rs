@@ -1,0 +1,233 @@
+//! The Redis side: keys, fetching, results, dead letters. Nothing of processes.
+//!
+//! The protocol (documented for producers in README.md, "The wire contract"):
+//! 1. producers `RPUSH <p>:queue <job JSON>`;
+//! 2. a worker with a free slot takes one with
+//!    `BLMOVE <p>:queue <p>:processing:<worker> LEFT RIGHT <t>`, so a job in
+//!    flight is always in Redis, never only in a worker's memory;
+//! 3. it counts the delivery (`HINCRBY <p>:attempts <id> 1`);
+//! 4. it pushes the result and removes the job from its processing list in one
+//!    Lua script (`complete.lua`), which pushes only the first result for an id;
+//! 5. payloads that are not jobs go to `<p>:dead` (`dead_letter.lua`).
+//!
+//! Blocking commands run on a connection of their own with no client-side
+//! response timeout: a client timeout shorter than the block time makes the
+//! client give up while the server still moves the job, and the job would sit
+//! in the processing list with nobody running it.
+
+mod keys;
+
+pub use keys::Keys;
+
+use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("invalid Redis URL {url:?}: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("creating the Redis pool: {0}")]
+    Pool(String),
+    #[error("Redis {op}: {source}")]
+    Redis {
+        op: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("Redis {op}: no connection from the pool: {message}")]
+    Connection { op: &'static str, message: String },
+}
+
+impl QueueError {
+    /// The operation that failed, for the errors metric.
+    pub fn op(&self) -> &'static str {
+        match self {
+            QueueError::Redis { op, .. } | QueueError::Connection { op, .. } => op,
+            QueueError::Url { .. } | QueueError::Pool(_) => "connect",
+        }
+    }
+}
+
+fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> QueueError {
+    move |source| QueueError::Redis { op, source }
+}
+
+/// A worker's handle on the queue.
+#[derive(Clone)]
+pub struct Queue {
+    pub keys: Keys,
+    pub worker_id: String,
+    client: redis::Client,
+    pool: Pool,
+    complete: Script,
+    dead_letter: Script,
+    requeue: Script,
+}
+
+impl Queue {
+    pub fn new(url: &str, prefix: &str, worker_id: &str) -> Result<Queue, QueueError> {
+        let client = redis::Client::open(url).map_err(|source| QueueError::Url {
+            url: url.to_owned(),
+            source,
+        })?;
+        let pool = PoolConfig::from_url(url)
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| QueueError::Pool(e.to_string()))?;
+        Ok(Queue {
+            keys: Keys::new(prefix),
+            worker_id: worker_id.to_owned(),
+            client,
+            pool,
+            complete: Script::new(include_str!("complete.lua")),
+            dead_letter: Script::new(include_str!("dead_letter.lua")),
+            requeue: Script::new(include_str!("requeue.lua")),
+        })
+    }
+
+    async fn conn(&self, op: &'static str) -> Result<deadpool_redis::Connection, QueueError> {
+        self.pool.get().await.map_err(|e| QueueError::Connection {
+            op,
+            message: e.to_string(),
+        })
+    }
+
+    /// A dedicated connection for blocking commands: no response timeout.
+    pub async fn blocking_connection(&self) -> Result<MultiplexedConnection, QueueError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(None);
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(redis_err("connect"))
+    }
+
+    /// Take the next job, waiting up to `block`. `None` when the queue stayed empty.
+    pub async fn fetch(
+        &self,
+        conn: &mut MultiplexedConnection,
+        block: Duration,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        redis::cmd("BLMOVE")
+            .arg(self.keys.queue())
+            .arg(self.keys.processing(&self.worker_id))
+            .arg("LEFT")
+            .arg("RIGHT")
+            .arg(block.as_secs_f64())
+            .query_async(conn)
+            .await
+            .map_err(redis_err("fetch"))
+    }
+
+    /// Count a delivery of job `id`; returns its delivery number (1 = first).
+    pub async fn begin(&self, id: &str) -> Result<u32, QueueError> {
+        let mut conn = self.conn("begin").await?;
+        redis::cmd("HINCRBY")
+            .arg(self.keys.attempts())
+            .arg(id)
+            .arg(1)
+            .query_async(&mut *conn)
+            .await
+            .map_err(redis_err("begin"))
+    }
+
+    /// Push the result (once per id) and drop the job from the processing list.
+    /// Returns false when a result for this id had already been pushed.
+    pub async fn complete(
+        &self,
+        raw: &[u8],
+        id: &str,
+        reply_key: &str,
+        result_json: &str,
+        ttl_s: u64,
+    ) -> Result<bool, QueueError> {
+        let mut conn = self.conn("complete").await?;
+        let pushed: i64 = self
+            .complete
+            .key(reply_key)
+            .key(self.keys.processing(&self.worker_id))
+            .key(self.keys.done(id))
+            .key(self.keys.attempts())
+            .arg(result_json)
+            .arg(ttl_s)
+            .arg(raw)
+            .arg(id)
+            .invoke_async(&mut *conn)
+            .await
+            .map_err(redis_err("complete"))?;
+        Ok(pushed == 1)
+    }
+
+    /// Move a payload that is not a runnable job to the dead-letter list.
+    pub async fn dead_letter(&self, raw: &[u8], reason: &str, id: Option<&str>) -> Result<(), QueueError> {
+        let entry = serde_json::json!({
+            "reason": reason,
+            "payload": String::from_utf8_lossy(raw),
+            "id": id,
+            "worker": self.worker_id,
+            "at_ms": now_ms(),
+        });
+        let mut conn = self.conn("dead_letter").await?;
+        let _: i64 = self
+            .dead_letter
+            .key(self.keys.dead())
+            .key(self.keys.processing(&self.worker_id))
+            .arg(entry.to_string())
+            .arg(raw)
+            .invoke_async(&mut *conn)
+            .await
+            .map_err(redis_err("dead_letter"))?;
+        Ok(())
+    }
+
+    /// Put a job back at the head of the queue, uncounted (shutdown).
+    pub async fn requeue(&self, raw: &[u8], id: Option<&str>) -> Result<bool, QueueError> {
+        let mut conn = self.conn("requeue").await?;
+        let moved: i64 = self
+            .requeue
+            .key(self.keys.queue())
+            .key(self.keys.processing(&self.worker_id))
+            .key(self.keys.attempts())
+            .arg(raw)
+            .arg(id.unwrap_or(""))
+            .invoke_async(&mut *conn)
+            .await
+            .map_err(redis_err("requeue"))?;
+        Ok(moved == 1)
+    }
+
+    /// Whether Redis answers a PING.
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn("ping").await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut *conn)
+            .await
+            .map(|_| ())
+            .map_err(redis_err("ping"))
+    }
+
+    /// Lengths of the queue, the dead list and this worker's processing list.
+    pub async fn depths(&self) -> Result<(u64, u64, u64), QueueError> {
+        let mut conn = self.conn("depth").await?;
+        redis::pipe()
+            .llen(self.keys.queue())
+            .llen(self.keys.dead())
+            .llen(self.keys.processing(&self.worker_id))
+            .query_async(&mut *conn)
+            .await
+            .map_err(redis_err("depth"))
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,394 @@
+//! The parent side of a run: prepare, spawn, supervise, classify. No Redis.
+//!
+//! [`Runner::run`] is blocking and runs on a thread of its own for the whole
+//! job (the child's death signal is tied to the thread that cloned it). One
+//! `poll` loop on that thread serves everything the job needs: stdin in,
+//! stdout/stderr out (each capped), the seccomp listener (naming and stopping
+//! violations), the pidfd (exit) and the wall-clock deadline.
+//!
+//! A user's code failing is not an error here: it is an [`Outcome`] with a
+//! status. [`RunError`] is for the sandbox failing to start the job.
+
+mod prescript;
+mod supervise;
+
+use crate::job::{Job, Language, Status, Violation};
+use crate::sandbox::rootfs::RootMode;
+use crate::sandbox::spawn::{self, ChildPlan, RootPlan};
+use crate::sandbox::Sandbox;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::pipe2;
+use nix::fcntl::OFlag;
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+pub use supervise::Usage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("no free sandbox uid (more jobs than slots)")]
+    NoUid,
+    #[error("preparing the job's scratch dir: {0}")]
+    Scratch(#[from] crate::sandbox::rootfs::RootError),
+    #[error("creating the job's cgroup: {0}")]
+    Cgroup(#[from] crate::sandbox::cgroup::CgroupError),
+    #[error("{step}: {source}")]
+    Io {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] spawn::SpawnError),
+    #[error("the sandboxed interpreter did not start: {0}")]
+    Handshake(String),
+}
+
+fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
+    move |source| RunError::Io { step, source }
+}
+
+fn nix_io(step: &'static str) -> impl FnOnce(nix::Error) -> RunError {
+    move |e| RunError::Io {
+        step,
+        source: e.into(),
+    }
+}
+
+/// Per-run options that are not part of the job.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Cap per stream, in bytes.
+    pub output_limit: usize,
+    /// Learning mode: let unlisted syscalls through and record them.
+    pub learn: bool,
+    /// A fd that turns readable (or hangs up) when the job must be stopped
+    /// (the worker's shutdown kill switch).
+    pub cancel: Option<std::os::fd::RawFd>,
+}
+
+/// How a run ended, with everything the result reports.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: Status,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub error: Option<String>,
+    pub violation: Option<Violation>,
+    /// Wall time from spawn to reap.
+    pub duration: Duration,
+    /// From clone to the interpreter running (exec done).
+    pub spawn_duration: Duration,
+    pub usage: Usage,
+    /// Learning mode: unlisted syscalls the job made, in first-seen order.
+    pub unlisted: Vec<String>,
+}
+
+/// Runs jobs in a prepared [`Sandbox`].
+pub struct Runner<'a> {
+    pub sandbox: &'a Sandbox,
+}
+
+/// A NUL-free C string from Rust text (paths and fixed flags).
+fn cstring(s: impl Into<Vec<u8>>) -> Result<CString, RunError> {
+    CString::new(s).map_err(|e| RunError::Io {
+        step: "building argv",
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })
+}
+
+fn rlimit(cur: u64, max: u64) -> libc::rlimit {
+    libc::rlimit {
+        rlim_cur: cur,
+        rlim_max: max,
+    }
+}
+
+impl Runner<'_> {
+    pub fn run(&self, job: &Job, opts: &RunOptions) -> Result<Outcome, RunError> {
+        let sb = self.sandbox;
+        let lease = sb.uids.lease().ok_or(RunError::NoUid)?;
+        let (uid, gid) = (lease.uid, lease.uid);
+        let scratch = sb.root.scratch(uid, gid, sb.config.scratch_mb)?;
+        let memory_bytes = job.memory_mb * 1024 * 1024;
+        let cgroup = match &sb.cgroups {
+            Some(c) => Some(c.create(
+                scratch.path.file_name().and_then(|n| n.to_str()).unwrap_or("job"),
+                memory_bytes,
+                sb.config.pids_max,
+            )?),
+            None => None,
+        };
+
+        // The script goes into the job's scratch dir; the key onto a pipe.
+        let rendered = prescript::render(
+            job.language,
+            uid,
+            gid,
+            job.enable_network,
+            &job.preload,
+            &job.code,
+        );
+        let ext = match job.language {
+            Language::Python3 => "py",
+            Language::Nodejs => "js",
+        };
+        let script_name = format!(".sandq-{:016x}.{ext}", rand::random::<u64>());
+        let host_script = scratch.path.join(&script_name);
+        std::fs::write(&host_script, rendered.script.as_bytes()).map_err(io("writing the prescript"))?;
+        std::fs::set_permissions(&host_script, std::fs::Permissions::from_mode(0o400))
+            .map_err(io("chmod prescript"))?;
+        nix::unistd::chown(&host_script, Some(uid.into()), Some(gid.into()))
+            .map_err(nix_io("chown prescript"))?;
+
+        let (key_r, key_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("key pipe"))?;
+        std::fs::File::from(key_w)
+            .write_all(rendered.key_b64.as_bytes())
+            .map_err(io("writing the key"))?;
+        let (stdin_r, stdin_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("stdin pipe"))?;
+        let (stdout_r, stdout_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("stdout pipe"))?;
+        let (stderr_r, stderr_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("stderr pipe"))?;
+        let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("error pipe"))?;
+        let (ctl_parent, ctl_child) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(nix_io("control socket"))?;
+
+        // argv and envp: fixed, and nothing of the worker's environment.
+        let pivot = sb.root.mode == RootMode::Pivot;
+        let workdir = if pivot {
+            cstring("/tmp")?
+        } else {
+            scratch.c_path.clone()
+        };
+        let script_in_root = if pivot {
+            format!("/tmp/{script_name}")
+        } else {
+            host_script.to_string_lossy().into_owned()
+        };
+        let program = cstring(sb.interpreter(job.language).as_os_str().as_encoded_bytes())?;
+        let mut args: Vec<CString> = vec![program.clone()];
+        let mut env: Vec<CString> = vec![
+            cstring("LANG=C.UTF-8")?,
+            cstring("HOME=/tmp")?,
+            cstring("TMPDIR=/tmp")?,
+            cstring("PATH=/usr/local/bin:/usr/bin:/bin")?,
+        ];
+        match job.language {
+            Language::Python3 => {
+                for a in ["-I", "-B", "-X", "utf8"] {
+                    args.push(cstring(a)?);
+                }
+                // One BLAS thread: the pids limit counts threads.
+                env.push(cstring("OPENBLAS_NUM_THREADS=1")?);
+            }
+            Language::Nodejs => {
+                // V8's heap gets most of the job's memory; the rest is code,
+                // buffers and the runtime itself, and the cgroup has the last word.
+                let heap_mb = (job.memory_mb * 3 / 4).max(16);
+                args.push(cstring(format!("--max-old-space-size={heap_mb}"))?);
+                args.push(cstring("--disable-proto=delete")?);
+                env.push(cstring("UV_USE_IO_URING=0")?);
+                env.push(cstring("UV_THREADPOOL_SIZE=2")?);
+            }
+        }
+        args.push(cstring(script_in_root)?);
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut envp: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
+        envp.push(std::ptr::null());
+
+        let cpu_s = job.timeout_ms.div_ceil(1000) + 1;
+        let fsize = sb.config.scratch_mb * 1024 * 1024;
+        let mut rlimits = vec![
+            // SIGXCPU at the soft limit, SIGKILL one second later.
+            (libc::RLIMIT_CPU, rlimit(cpu_s, cpu_s + 1)),
+            (libc::RLIMIT_FSIZE, rlimit(fsize, fsize)),
+            (libc::RLIMIT_NOFILE, rlimit(sb.config.nofile, sb.config.nofile)),
+            (libc::RLIMIT_CORE, rlimit(0, 0)),
+            // The uid is this job's alone, so this is a per-job process cap.
+            (libc::RLIMIT_NPROC, rlimit(sb.config.pids_max, sb.config.pids_max)),
+        ];
+        if cgroup.is_none() && job.language == Language::Python3 {
+            // Without a memory cgroup, the address space is the only memory
+            // bound (Node cannot start under one; it keeps its heap flag).
+            let bytes = memory_bytes + 64 * 1024 * 1024;
+            rlimits.push((libc::RLIMIT_AS, rlimit(bytes, bytes)));
+        }
+        let cgroup_fds = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
+
+        let root_c = cstring(sb.root.root.as_os_str().as_encoded_bytes())?;
+        let root_tmp_c = cstring(sb.root.root.join("tmp").as_os_str().as_encoded_bytes())?;
+        let root_plan = if pivot {
+            RootPlan::Pivot {
+                root: &root_c,
+                root_tmp: &root_tmp_c,
+                scratch: &scratch.c_path,
+            }
+        } else {
+            RootPlan::None {
+                scratch: &scratch.c_path,
+            }
+        };
+        let mut namespaces = sb.namespaces;
+        if !job.enable_network && sb.net_namespace {
+            namespaces |= libc::CLONE_NEWNET as u64;
+        }
+        let filter = sb.filters.get(job.language, job.enable_network);
+        let fprog = filter.fprog();
+        let plan = ChildPlan {
+            program: &program,
+            argv: &argv,
+            envp: &envp,
+            stdin: stdin_r.as_raw_fd(),
+            stdout: stdout_w.as_raw_fd(),
+            stderr: stderr_w.as_raw_fd(),
+            key: key_r.as_raw_fd(),
+            control: ctl_child.as_raw_fd(),
+            error: err_w.as_raw_fd(),
+            namespaces,
+            root: root_plan,
+            workdir: &workdir,
+            hostname: b"sandbox",
+            rlimits: &rlimits,
+            cgroup_procs: &cgroup_fds,
+            uid,
+            gid,
+            filter: &fprog,
+        };
+
+        let started = Instant::now();
+        let child = spawn::spawn(&plan)?;
+        // Our copies of the child's ends must go, or we never see EOF.
+        drop((stdin_r, stdout_w, stderr_w, key_r, ctl_child, err_w));
+
+        let exec = supervise::handshake(&ctl_parent, &err_r);
+        let listener: OwnedFd = match exec {
+            Ok(l) => l,
+            Err(e) => {
+                supervise::kill_and_reap(&child);
+                return Err(e);
+            }
+        };
+        let spawn_duration = started.elapsed();
+        let deadline = Instant::now() + Duration::from_millis(job.timeout_ms);
+        let capture = supervise::Supervisor {
+            child: &child,
+            listener,
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+            input: job.stdin.as_bytes(),
+            output_limit: opts.output_limit,
+            deadline,
+            learn: opts.learn,
+            cancel: opts.cancel,
+        }
+        .run();
+        let duration = started.elapsed();
+        let cg = cgroup.as_ref().map(|c| c.report()).unwrap_or_default();
+        drop(cgroup);
+        drop(scratch);
+        drop(lease);
+
+        let mut usage = capture.usage;
+        if let Some(peak) = cg.peak_memory_bytes {
+            usage.max_rss_kb = usage.max_rss_kb.max(peak / 1024);
+        }
+        Ok(classify(job, capture, cg, usage, duration, spawn_duration))
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("SIG{sig}"))
+}
+
+/// Decide the status. The order matters: a violation or the worker's own kill
+/// (output, timeout) explains a SIGKILL better than the signal itself.
+fn classify(
+    job: &Job,
+    c: supervise::Captured,
+    cg: crate::sandbox::cgroup::CgroupReport,
+    usage: Usage,
+    duration: Duration,
+    spawn_duration: Duration,
+) -> Outcome {
+    let exit_code = c.exit_code;
+    let signal = c.signal.map(signal_name);
+    let stderr_text = String::from_utf8_lossy(&c.stderr).into_owned();
+    let python_memory_error = job.language == Language::Python3
+        && exit_code.is_some_and(|c| c != 0)
+        && stderr_text.trim_end().lines().last().is_some_and(|l| l.starts_with("MemoryError"));
+    let node_heap_error = job.language == Language::Nodejs
+        && stderr_text.contains("JavaScript heap out of memory");
+    let (status, error) = if let Some(v) = &c.violation {
+        (
+            Status::Violation,
+            Some(format!("blocked system call: {}", v.syscall)),
+        )
+    } else if c.output_limited {
+        (
+            Status::OutputLimit,
+            Some(format!(
+                "output exceeded the limit of {} bytes per stream; the job was stopped",
+                c.output_limit
+            )),
+        )
+    } else if c.timed_out {
+        (
+            Status::Timeout,
+            Some(format!("timed out after {} ms", job.timeout_ms)),
+        )
+    } else if cg.oom_killed || python_memory_error || node_heap_error {
+        (
+            Status::MemoryLimit,
+            Some(format!("exceeded the memory limit of {} MiB", job.memory_mb)),
+        )
+    } else if c.signal == Some(libc::SIGXCPU) || c.signal == Some(libc::SIGKILL) && usage.cpu_ms / 1000 >= job.timeout_ms.div_ceil(1000) + 1 {
+        (
+            Status::Timeout,
+            Some("exceeded its CPU time limit".to_owned()),
+        )
+    } else if exit_code == Some(0) {
+        (Status::Ok, None)
+    } else if let Some(code) = exit_code {
+        let why = if code == 125 {
+            "the sandbox identity check failed".to_owned()
+        } else if cg.pids_limit_hit {
+            format!("exited with code {code} after hitting the limit of {} processes/threads", 0)
+        } else {
+            format!("exited with code {code}")
+        };
+        (Status::Error, Some(why))
+    } else {
+        let sig = signal.clone().unwrap_or_default();
+        (Status::Error, Some(format!("killed by {sig}")))
+    };
+    Outcome {
+        status,
+        exit_code,
+        signal,
+        stdout: String::from_utf8_lossy(&c.stdout).into_owned(),
+        stderr: stderr_text,
+        stdout_truncated: c.stdout_truncated,
+        stderr_truncated: c.stderr_truncated,
+        error,
+        violation: c.violation,
+        duration,
+        spawn_duration,
+        usage,
+        unlisted: c.unlisted,
+    }
+}

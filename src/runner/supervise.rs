@@ -1,0 +1,445 @@
+//! Watching one running job: the exec handshake, then a single `poll` loop
+//! over stdin, stdout, stderr, the seccomp listener, the pidfd and the deadline.
+//!
+//! Seccomp user notification is how violations get their names: the filter's
+//! default action parks the offending thread in the kernel and wakes us; we
+//! read the syscall number, SIGKILL the job (its pid namespace goes with it),
+//! then answer EPERM, so the call can never succeed. `execve` is parked the
+//! same way: the first one (ours, from the child before it became the
+//! interpreter) is let through, every later one is a violation.
+
+use super::RunError;
+use crate::job::Violation;
+use crate::sandbox::seccomp::syscall_name;
+use crate::sandbox::spawn::{decode_error, Spawned};
+use libseccomp::{ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// How long the interpreter may take to reach exec before we call it broken.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the job's pid 1 exits, how long we wait for its pipes to drain.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+const CHUNK: usize = 64 * 1024;
+
+/// Resource use of the finished job.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu_ms: u64,
+    pub max_rss_kb: u64,
+}
+
+/// What the loop saw.
+pub struct Captured {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub output_limited: bool,
+    pub output_limit: usize,
+    pub timed_out: bool,
+    pub cancelled: bool,
+    pub violation: Option<Violation>,
+    pub unlisted: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub usage: Usage,
+}
+
+/// `poll` on a single fd; true when it is ready before `timeout`.
+fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: one valid pollfd on the stack.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) };
+        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return n > 0;
+        }
+    }
+}
+
+/// Receive the listener, let the first exec through, and wait for it to land.
+pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<OwnedFd, RunError> {
+    let broken = |what: &str| -> RunError {
+        // If the child reported a failed step, that is the better message.
+        if wait_readable(err.as_raw_fd(), Duration::from_millis(200)) {
+            let mut buf = [0u8; 8];
+            if let Ok(8) = nix::unistd::read(err, &mut buf) {
+                if let Some(e) = decode_error(&buf) {
+                    return RunError::Spawn(e);
+                }
+            }
+        }
+        RunError::Handshake(what.to_owned())
+    };
+    if !wait_readable(control.as_raw_fd(), HANDSHAKE_TIMEOUT) {
+        return Err(broken("no seccomp listener from the child"));
+    }
+    let mut byte = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        control.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| RunError::Handshake(format!("receiving the listener: {e}")))?;
+    let mut listener = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                for fd in fds {
+                    // SAFETY: SCM_RIGHTS just installed this fd in our table; we own it.
+                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                    listener.get_or_insert(owned);
+                }
+            }
+        }
+    }
+    let Some(listener) = listener else {
+        return Err(broken("the child closed the control socket"));
+    };
+
+    // The first notification must be our execve: nothing else between the
+    // filter load and exec is outside the allowlist.
+    if !wait_readable(listener.as_raw_fd(), HANDSHAKE_TIMEOUT) {
+        return Err(broken("the child never reached exec"));
+    }
+    let req = ScmpNotifReq::receive(listener.as_raw_fd())
+        .map_err(|e| RunError::Handshake(format!("reading the exec notification: {e}")))?;
+    let nr = i32::from(req.data.syscall);
+    if nr != libc::SYS_execve as i32 {
+        return Err(RunError::Handshake(format!(
+            "expected execve before exec, got {}",
+            syscall_name(nr)
+        )));
+    }
+    ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty())
+        .respond(listener.as_raw_fd())
+        .map_err(|e| RunError::Handshake(format!("allowing exec: {e}")))?;
+
+    // The error pipe closes on a successful exec; a failed one writes first.
+    if !wait_readable(err.as_raw_fd(), HANDSHAKE_TIMEOUT) {
+        return Err(RunError::Handshake("exec did not complete".into()));
+    }
+    let mut buf = [0u8; 8];
+    match nix::unistd::read(err, &mut buf) {
+        Ok(0) => Ok(listener),
+        Ok(_) => Err(decode_error(&buf)
+            .map(RunError::Spawn)
+            .unwrap_or_else(|| RunError::Handshake("short error report".into()))),
+        Err(e) => Err(RunError::Handshake(format!("reading the error pipe: {e}"))),
+    }
+}
+
+/// SIGKILL the job: pid 1 of its namespace (which takes every other process in
+/// it along) through the pidfd, so a recycled pid can never be hit, and its
+/// process group for hosts without a pid namespace.
+pub fn kill(child: &Spawned) {
+    // SAFETY: signals a process we own through its pidfd; no memory involved.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            child.pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+        libc::kill(-child.pid, libc::SIGKILL);
+    }
+}
+
+/// Wait for the child and collect its status and resource use.
+fn reap(child: &Spawned) -> (Option<i32>, Option<i32>, Usage) {
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting for our own child; pointers are to locals.
+        let r = unsafe { libc::wait4(child.pid, &mut status, 0, &mut ru) };
+        if r == child.pid {
+            break;
+        }
+        if r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return (None, None, Usage::default());
+    }
+    let cpu_ms = (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) as u64 * 1000
+        + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) as u64 / 1000;
+    let usage = Usage {
+        cpu_ms,
+        max_rss_kb: ru.ru_maxrss as u64,
+    };
+    if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None, usage)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)), usage)
+    } else {
+        (None, None, usage)
+    }
+}
+
+pub fn kill_and_reap(child: &Spawned) {
+    kill(child);
+    let _ = reap(child);
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    let _ = nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+}
+
+/// The poll loop for one job.
+pub struct Supervisor<'a> {
+    pub child: &'a Spawned,
+    pub listener: OwnedFd,
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    pub input: &'a [u8],
+    pub output_limit: usize,
+    pub deadline: Instant,
+    pub learn: bool,
+    pub cancel: Option<RawFd>,
+}
+
+struct Stream {
+    fd: Option<OwnedFd>,
+    buf: Vec<u8>,
+    truncated: bool,
+}
+
+impl Stream {
+    /// Read what is there; true when the cap was passed.
+    fn read(&mut self, limit: usize) -> bool {
+        let Some(fd) = &self.fd else { return false };
+        let mut chunk = [0u8; CHUNK];
+        loop {
+            match nix::unistd::read(fd, &mut chunk) {
+                Ok(0) => {
+                    self.fd = None;
+                    return false;
+                }
+                Ok(n) => {
+                    let room = limit - self.buf.len();
+                    if n > room {
+                        self.buf.extend_from_slice(&chunk[..room]);
+                        self.truncated = true;
+                        self.fd = None;
+                        return true;
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => return false,
+                Err(_) => {
+                    self.fd = None;
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+impl Supervisor<'_> {
+    pub fn run(self) -> Captured {
+        for fd in [&self.stdin, &self.stdout, &self.stderr] {
+            set_nonblocking(fd);
+        }
+        let mut out = Stream {
+            fd: Some(self.stdout),
+            buf: Vec::new(),
+            truncated: false,
+        };
+        let mut err = Stream {
+            fd: Some(self.stderr),
+            buf: Vec::new(),
+            truncated: false,
+        };
+        let mut stdin = if self.input.is_empty() {
+            None
+        } else {
+            Some(self.stdin)
+        };
+        let mut written = 0usize;
+        let mut listener = Some(self.listener);
+        let mut exited_at: Option<Instant> = None;
+        let mut killed = false;
+        let mut timed_out = false;
+        let mut output_limited = false;
+        let mut cancelled = false;
+        let mut violation = None;
+        let mut unlisted: Vec<String> = Vec::new();
+
+        loop {
+            let streams_open = out.fd.is_some() || err.fd.is_some();
+            if let Some(at) = exited_at {
+                if !streams_open || at.elapsed() >= DRAIN_AFTER_EXIT {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            if !killed && now >= self.deadline {
+                timed_out = true;
+                killed = true;
+                kill(self.child);
+            }
+            let wait = if killed || exited_at.is_some() {
+                DRAIN_AFTER_EXIT
+            } else {
+                self.deadline - now
+            };
+
+            let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(6);
+            let mut slots = [usize::MAX; 6];
+            let mut add = |slot: usize, fd: RawFd, events: i16, pfds: &mut Vec<libc::pollfd>| {
+                slots[slot] = pfds.len();
+                pfds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
+            };
+            if let Some(fd) = &out.fd {
+                add(0, fd.as_raw_fd(), libc::POLLIN, &mut pfds);
+            }
+            if let Some(fd) = &err.fd {
+                add(1, fd.as_raw_fd(), libc::POLLIN, &mut pfds);
+            }
+            if let Some(fd) = &stdin {
+                add(2, fd.as_raw_fd(), libc::POLLOUT, &mut pfds);
+            }
+            if let Some(fd) = &listener {
+                add(3, fd.as_raw_fd(), libc::POLLIN, &mut pfds);
+            }
+            if exited_at.is_none() {
+                add(4, self.child.pidfd.as_raw_fd(), libc::POLLIN, &mut pfds);
+            }
+            if let (Some(fd), false) = (self.cancel, killed) {
+                add(5, fd, libc::POLLIN, &mut pfds);
+            }
+            let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: pfds is a live Vec of pollfd; its length is passed.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms.max(1)) };
+            if n < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                break;
+            }
+            let ready = |slot: usize| -> i16 {
+                if slots[slot] == usize::MAX {
+                    0
+                } else {
+                    pfds[slots[slot]].revents
+                }
+            };
+
+            // Seccomp first: a parked thread is waiting on us.
+            let l = ready(3);
+            if l & libc::POLLIN != 0 {
+                if let Some(fd) = &listener {
+                    if let Ok(req) = ScmpNotifReq::receive(fd.as_raw_fd()) {
+                        let nr = i32::from(req.data.syscall);
+                        let name = syscall_name(nr);
+                        if self.learn {
+                            if !unlisted.contains(&name) {
+                                unlisted.push(name);
+                            }
+                            let _ = ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty())
+                                .respond(fd.as_raw_fd());
+                        } else {
+                            // Kill before answering, so the call never returns
+                            // into user code; the answer is only for tidiness.
+                            if !killed {
+                                kill(self.child);
+                                killed = true;
+                            }
+                            violation.get_or_insert(Violation {
+                                syscall: name,
+                                number: nr as i64,
+                            });
+                            let _ = ScmpNotifResp::new_error(
+                                req.id,
+                                -libc::EPERM,
+                                ScmpNotifRespFlags::empty(),
+                            )
+                            .respond(fd.as_raw_fd());
+                        }
+                    }
+                }
+            } else if l & (libc::POLLHUP | libc::POLLERR) != 0 {
+                // Every process under the filter is gone.
+                listener = None;
+            }
+
+            if ready(0) != 0 && out.read(self.output_limit) && !killed {
+                output_limited = true;
+                killed = true;
+                kill(self.child);
+            }
+            if ready(1) != 0 && err.read(self.output_limit) && !killed {
+                output_limited = true;
+                killed = true;
+                kill(self.child);
+            }
+            if ready(2) != 0 {
+                if let Some(fd) = &stdin {
+                    match nix::unistd::write(fd, &self.input[written..]) {
+                        Ok(n) => written += n,
+                        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
+                        // EPIPE: the job closed stdin without reading it all.
+                        Err(_) => written = self.input.len(),
+                    }
+                }
+                if written >= self.input.len() {
+                    stdin = None;
+                }
+            }
+            if ready(5) != 0 && !killed {
+                cancelled = true;
+                killed = true;
+                kill(self.child);
+            }
+            if ready(4) != 0 {
+                exited_at = Some(Instant::now());
+                // The job may have left grandchildren holding the pipes (only
+                // without a pid namespace): make sure they go too.
+                kill(self.child);
+            }
+        }
+        drop(stdin);
+        drop(listener);
+        if exited_at.is_none() {
+            kill(self.child);
+        }
+        let (exit_code, signal, usage) = reap(self.child);
+        Captured {
+            stdout: out.buf,
+            stderr: err.buf,
+            stdout_truncated: out.truncated,
+            stderr_truncated: err.truncated,
+            output_limited,
+            output_limit: self.output_limit,
+            timed_out,
+            cancelled,
+            violation,
+            unlisted,
+            exit_code,
+            signal,
+            usage,
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Per-job memory and pids limits through cgroups, v2 or v1, whichever the host has.
+//!
+//! Each job gets a cgroup of its own under `<hierarchy>/sandq/<worker>/`, made
+//! before the spawn and removed after the reap. The parent opens
+//! `cgroup.procs` and the child writes "0" to it (moving itself) before it
+//! drops root, so the interpreter never runs a single instruction outside the
+//! limits. A kill by the memory controller is read back from `oom_kill` in
+//! `memory.events` (v2) or `memory.oom_control` (v1) to report `memory_limit`.
+//! Only cgroups this worker created are ever touched.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no usable cgroup hierarchy: {0}")]
+    Unavailable(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_err(path))
+}
+
+/// Which hierarchy the host has.
+#[derive(Debug)]
+pub enum Cgroups {
+    /// Unified hierarchy: one directory holds memory and pids.
+    V2 { base: PathBuf },
+    /// Legacy: a directory per controller.
+    V1 { memory: PathBuf, pids: PathBuf },
+}
+
+impl Cgroups {
+    /// Detect the hierarchy and create this worker's parent group(s).
+    pub fn detect(worker_tag: &str) -> Result<Cgroups, CgroupError> {
+        let root = Path::new("/sys/fs/cgroup");
+        let v1_memory = root.join("memory");
+        let v1_pids = root.join("pids");
+        if v1_memory.join("memory.limit_in_bytes").exists() && v1_pids.join("cgroup.procs").exists()
+        {
+            let memory = v1_memory.join("sandq").join(worker_tag);
+            let pids = v1_pids.join("sandq").join(worker_tag);
+            fs::create_dir_all(&memory).map_err(io_err(&memory))?;
+            fs::create_dir_all(&pids).map_err(io_err(&pids))?;
+            return Ok(Cgroups::V1 { memory, pids });
+        }
+        let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        if controllers.contains("memory") && controllers.contains("pids") {
+            // Each level must delegate memory and pids to the next one.
+            let sandq = root.join("sandq");
+            fs::create_dir_all(&sandq).map_err(io_err(&sandq))?;
+            write(&root.join("cgroup.subtree_control"), "+memory +pids")?;
+            let base = sandq.join(worker_tag);
+            fs::create_dir_all(&base).map_err(io_err(&base))?;
+            write(&sandq.join("cgroup.subtree_control"), "+memory +pids")?;
+            write(&base.join("cgroup.subtree_control"), "+memory +pids")?;
+            return Ok(Cgroups::V2 { base });
+        }
+        Err(CgroupError::Unavailable(
+            "neither cgroup v1 memory+pids nor cgroup v2 with memory and pids controllers is mounted at /sys/fs/cgroup".into(),
+        ))
+    }
+
+    pub fn version(&self) -> &'static str {
+        match self {
+            Cgroups::V2 { .. } => "v2",
+            Cgroups::V1 { .. } => "v1",
+        }
+    }
+
+    /// Make a job's cgroup with its limits.
+    pub fn create(&self, name: &str, memory_bytes: u64, pids: u64) -> Result<JobCgroup, CgroupError> {
+        let dirs: Vec<PathBuf> = match self {
+            Cgroups::V2 { base } => vec![base.join(name)],
+            Cgroups::V1 { memory, pids } => vec![memory.join(name), pids.join(name)],
+        };
+        for dir in &dirs {
+            fs::create_dir(dir).map_err(io_err(dir))?;
+        }
+        let mut job = JobCgroup {
+            v2: matches!(self, Cgroups::V2 { .. }),
+            dirs,
+            procs: Vec::new(),
+        };
+        let mem = job.dirs[0].clone();
+        let pid_dir = job.dirs.last().cloned().unwrap_or_else(|| mem.clone());
+        if job.v2 {
+            write(&mem.join("memory.max"), &memory_bytes.to_string())?;
+            // No swap: a job over its memory is killed, not paged out.
+            let _ = write(&mem.join("memory.swap.max"), "0");
+        } else {
+            write(&mem.join("memory.limit_in_bytes"), &memory_bytes.to_string())?;
+            let memsw = mem.join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                write(&memsw, &memory_bytes.to_string())?;
+            }
+        }
+        write(&pid_dir.join("pids.max"), &pids.to_string())?;
+        for dir in &job.dirs {
+            let path = dir.join("cgroup.procs");
+            let file = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            job.procs.push(file);
+        }
+        Ok(job)
+    }
+}
+
+/// One job's cgroup(s); removed when dropped.
+pub struct JobCgroup {
+    v2: bool,
+    dirs: Vec<PathBuf>,
+    procs: Vec<File>,
+}
+
+/// What the cgroup saw of a finished job.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CgroupReport {
+    pub oom_killed: bool,
+    pub peak_memory_bytes: Option<u64>,
+    pub pids_limit_hit: bool,
+}
+
+fn read_key(path: &Path, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+impl JobCgroup {
+    /// The `cgroup.procs` fds the child writes "0" to.
+    pub fn procs_fds(&self) -> Vec<RawFd> {
+        self.procs.iter().map(|f| f.as_raw_fd()).collect()
+    }
+
+    pub fn report(&self) -> CgroupReport {
+        let mem = &self.dirs[0];
+        let pids = self.dirs.last().unwrap_or(mem);
+        if self.v2 {
+            CgroupReport {
+                oom_killed: read_key(&mem.join("memory.events"), "oom_kill").unwrap_or(0) > 0,
+                peak_memory_bytes: fs::read_to_string(mem.join("memory.peak"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok()),
+                pids_limit_hit: read_key(&pids.join("pids.events"), "max").unwrap_or(0) > 0,
+            }
+        } else {
+            CgroupReport {
+                oom_killed: read_key(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0) > 0,
+                peak_memory_bytes: fs::read_to_string(mem.join("memory.max_usage_in_bytes"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok()),
+                pids_limit_hit: read_key(&pids.join("pids.events"), "max").unwrap_or(0) > 0,
+            }
+        }
+    }
+}
+
+impl Drop for JobCgroup {
+    fn drop(&mut self) {
+        self.procs.clear();
+        for dir in &self.dirs {
+            // Right after the reap the kernel may still hold the group briefly.
+            for attempt in 0..50 {
+                match fs::remove_dir(dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 49 => {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        let dirs = match self {
+            Cgroups::V2 { base } => vec![base.clone()],
+            Cgroups::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
+        };
+        for dir in dirs {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}

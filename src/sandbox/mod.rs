@@ -1,0 +1,272 @@
+//! The sandbox: policy and the child-side mechanics, with no Redis and no tokio.
+//!
+//! - [`allowlist`]: the seccomp policy as data, a reason per syscall.
+//! - [`seccomp`]: compiles the policy to BPF once at start-up.
+//! - [`rootfs`]: the read-only runtime root and per-job scratch dirs.
+//! - [`cgroup`]: per-job memory and pids limits.
+//! - [`uids`]: a distinct uid for every running job.
+//! - [`spawn`]: `clone3` and the ordered lock-down up to `execve` (the one
+//!   place where the order of the layers is written down).
+//!
+//! [`Sandbox::prepare`] detects what the host allows, builds all of the above
+//! once, and records which isolation layers are active in a [`Layers`] report
+//! that the worker logs at start-up, `sandq doctor` prints and metrics export.
+
+pub mod allowlist;
+pub mod cgroup;
+pub mod rootfs;
+pub mod seccomp;
+pub mod spawn;
+pub mod uids;
+
+use crate::job::Language;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("preparing the runtime root: {0}")]
+    Root(#[from] rootfs::RootError),
+    #[error("claiming sandbox uids: {0}")]
+    Uids(#[from] uids::UidError),
+    #[error("interpreter {language} not found at {path}")]
+    Interpreter { language: Language, path: PathBuf },
+    #[error("required isolation layer {layer} is unavailable: {reason}")]
+    Required { layer: &'static str, reason: String },
+}
+
+/// What the sandbox is built from; part of the worker's config.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Runtime root, scratch and lock files live here.
+    pub state_dir: PathBuf,
+    pub python: PathBuf,
+    pub node: PathBuf,
+    pub uid_first: u32,
+    pub uid_last: u32,
+    /// How many jobs may run at once (uids to claim).
+    pub slots: usize,
+    /// Extra syscalls to allow, on top of the defaults.
+    pub allow_syscalls: Vec<String>,
+    /// Writable scratch per job.
+    pub scratch_mb: u64,
+    /// Processes and threads per job.
+    pub pids_max: u64,
+    /// Open files per job.
+    pub nofile: u64,
+    /// Layers that must be active, or start-up fails (`all` for every one).
+    pub require_layers: Vec<String>,
+    /// Set by `main`: whether the worker could enter a private mount namespace.
+    pub private_mounts: Result<(), String>,
+}
+
+/// One isolation layer and whether it is in force.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub status: Result<String, String>,
+}
+
+/// The report of every layer, in lock-down order.
+#[derive(Debug, Clone, Default)]
+pub struct Layers(pub Vec<Layer>);
+
+impl Layers {
+    fn push(&mut self, name: &'static str, what: &'static str, status: Result<String, String>) {
+        self.0.push(Layer { name, what, status });
+    }
+
+    pub fn is_active(&self, name: &str) -> bool {
+        self.0.iter().any(|l| l.name == name && l.status.is_ok())
+    }
+
+    /// A fixed-width table, one line per layer.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        for l in &self.0 {
+            let (state, detail) = match &l.status {
+                Ok(d) => ("active", d.as_str()),
+                Err(r) => ("UNAVAILABLE", r.as_str()),
+            };
+            out.push_str(&format!(
+                "  {:<18} {:<12} {:<44} {}\n",
+                l.name, state, l.what, detail
+            ));
+        }
+        out
+    }
+}
+
+/// Everything prepared once and shared by all jobs.
+pub struct Sandbox {
+    pub config: SandboxConfig,
+    pub filters: seccomp::Filters,
+    pub root: rootfs::RuntimeRoot,
+    pub uids: uids::UidPool,
+    pub cgroups: Option<cgroup::Cgroups>,
+    /// clone3 namespace flags every job gets (net is added per job).
+    pub namespaces: u64,
+    pub net_namespace: bool,
+    pub layers: Layers,
+    pub prepared_in: Duration,
+}
+
+/// Try a clone3 with `flags` whose child exits at once.
+fn probe_clone(flags: u64) -> Result<(), String> {
+    spawn::probe(flags).map_err(|e| e.to_string())
+}
+
+impl Sandbox {
+    /// Detect, prepare and report. `worker_tag` names this worker's cgroups.
+    pub fn prepare(config: SandboxConfig, worker_tag: &str) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        let mut layers = Layers::default();
+        for (language, path) in [
+            (Language::Python3, &config.python),
+            (Language::Nodejs, &config.node),
+        ] {
+            if language == Language::Python3 && !path.exists() {
+                return Err(SandboxError::Interpreter {
+                    language,
+                    path: path.clone(),
+                });
+            }
+        }
+
+        let mut namespaces = 0u64;
+        let ns = [
+            ("pid namespace", libc::CLONE_NEWPID, "own process tree; killing pid 1 ends all"),
+            ("mount namespace", libc::CLONE_NEWNS, "own mounts; the host root is detached"),
+            ("ipc namespace", libc::CLONE_NEWIPC, "no SysV IPC or POSIX queues shared"),
+            ("uts namespace", libc::CLONE_NEWUTS, "own hostname"),
+        ];
+        for (name, flag, what) in ns {
+            let flag = flag as u64;
+            let mount_ok = flag != libc::CLONE_NEWNS as u64 || config.private_mounts.is_ok();
+            let status = if mount_ok {
+                probe_clone(flag).map(|_| "clone3 flag".to_owned())
+            } else {
+                Err(config.private_mounts.clone().unwrap_err())
+            };
+            if status.is_ok() {
+                namespaces |= flag;
+            }
+            layers.push(name, what, status);
+        }
+        let net = probe_clone(libc::CLONE_NEWNET as u64);
+        let net_namespace = net.is_ok();
+        layers.push(
+            "net namespace",
+            "no interfaces at all when network is off",
+            net.map(|_| "jobs without network".to_owned()),
+        );
+
+        let mounts = namespaces & libc::CLONE_NEWNS as u64 != 0;
+        let root = rootfs::prepare(&config.state_dir, mounts)?;
+        layers.push(
+            "read-only root",
+            "pivot_root into /usr binds + private /tmp",
+            match root.mode {
+                rootfs::RootMode::Pivot => Ok(format!(
+                    "prepared in {:.1} ms",
+                    root.prepared_in.as_secs_f64() * 1e3
+                )),
+                rootfs::RootMode::HostFs => {
+                    Err("no mount namespace: jobs see the host filesystem".to_owned())
+                }
+            },
+        );
+
+        let cgroups = cgroup::Cgroups::detect(worker_tag);
+        let (mem_status, pids_status) = match &cgroups {
+            Ok(c) => (
+                Ok(format!("cgroup {}", c.version())),
+                Ok(format!("cgroup {}, max {}", c.version(), config.pids_max)),
+            ),
+            Err(e) => (
+                Err(format!("{e}; falling back to RLIMIT_AS")),
+                Err(format!("{e}; falling back to RLIMIT_NPROC per uid")),
+            ),
+        };
+        layers.push("cgroup memory", "memory_mb enforced by the kernel", mem_status);
+        layers.push("cgroup pids", "fork and thread bombs stop at pids_max", pids_status);
+        layers.push(
+            "rlimits",
+            "cpu, file size, open files, core 0, nproc",
+            Ok(format!("nofile {}, fsize {} MiB", config.nofile, config.scratch_mb)),
+        );
+
+        // The lock dir is on the host side (no private mount covers it), so
+        // every worker on this host sees the same locks.
+        let uids = uids::UidPool::claim(
+            &config.state_dir.join("uids"),
+            config.uid_first,
+            config.uid_last,
+            config.slots,
+        )?;
+        layers.push(
+            "uid per job",
+            "setresuid to a uid no other job holds",
+            Ok(format!("{} uids from {}-{}", config.slots, config.uid_first, config.uid_last)),
+        );
+        layers.push(
+            "no_new_privs",
+            "no setuid binary or file capability applies",
+            Ok("prctl".to_owned()),
+        );
+
+        let filters = seccomp::Filters::compile(&config.allow_syscalls)?;
+        layers.push(
+            "seccomp",
+            "syscall allowlist, everything else stopped",
+            Ok(format!(
+                "{} BPF instructions (python3)",
+                filters.get(Language::Python3, false).instructions()
+            )),
+        );
+        layers.push(
+            "named violations",
+            "supervisor names each blocked syscall",
+            Ok("seccomp user notification".to_owned()),
+        );
+
+        let sandbox = Sandbox {
+            config,
+            filters,
+            root,
+            uids,
+            cgroups: cgroups.ok(),
+            namespaces,
+            net_namespace,
+            layers,
+            prepared_in: started.elapsed(),
+        };
+        sandbox.check_required()?;
+        Ok(sandbox)
+    }
+
+    fn check_required(&self) -> Result<(), SandboxError> {
+        for wanted in &self.config.require_layers {
+            for layer in &self.layers.0 {
+                let matches = wanted == "all" || wanted == layer.name;
+                if let (true, Err(reason)) = (matches, &layer.status) {
+                    return Err(SandboxError::Required {
+                        layer: layer.name,
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn interpreter(&self, language: Language) -> &std::path::Path {
+        match language {
+            Language::Python3 => &self.config.python,
+            Language::Nodejs => &self.config.node,
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! The spawn path: `clone3` into fresh namespaces, then one ordered lock-down,
+//! then `execve` of the interpreter.
+//!
+//! Everything the child needs (C strings, argv/envp arrays, the BPF program, the
+//! rlimit table, file descriptors) is prepared by the parent in a [`ChildPlan`].
+//! The worker is a multithreaded process, so between `clone3` and `execve` the
+//! child may only make raw, async-signal-safe system calls: no allocation, no
+//! locks, no panics. Each step that fails writes `(step, errno)` to the error
+//! pipe and exits; the parent turns that into [`SpawnError::ChildStep`].
+//!
+//! The order of the lock-down, and why each step sits where it does:
+//!
+//! 0. `clone3` with new pid, mount, ipc, uts (and, without network, net)
+//!    namespaces: the interpreter is pid 1 of its own tree, so killing it kills
+//!    everything it started, and it sees no host process, mount or interface.
+//! 1. reset the signal mask and SIGPIPE: both survive `execve`.
+//! 2. `setsid`: its own session and process group, so the worker can kill the
+//!    group and the job has no controlling terminal.
+//! 3. stdio and the key pipe onto fds 0-3; every other fd close-on-exec, so no
+//!    worker fd (Redis sockets, other jobs' pipes) reaches the interpreter.
+//! 4. join the job's cgroup (memory and pids limits) while still root.
+//! 5. bind the job's scratch dir onto the root's `/tmp`, `pivot_root` into the
+//!    read-only runtime root and detach the old root (or `chroot` where the
+//!    host gave us no mount namespace): needs CAP_SYS_ADMIN, so before the drop.
+//! 6. hostname, in the new uts namespace.
+//! 7. rlimits (CPU, file size, open files, core 0, address space, nproc): while
+//!    root, so hard limits can be set to anything.
+//! 8. `setgroups([])`, `setresgid`, `setresuid` to the job's own uid: this drops
+//!    every capability. gid before uid, since after the uid drop we may not.
+//! 9. `PR_SET_PDEATHSIG`: after the drop, because a credential change clears it.
+//! 10. `PR_SET_NO_NEW_PRIVS`: required to load a filter unprivileged, and no
+//!     setuid binary can regain anything.
+//! 11. seccomp, last, with `SECCOMP_FILTER_FLAG_NEW_LISTENER`: the listener fd is
+//!     sent to the worker and closed here. From now on only allowlisted calls
+//!     run; the only calls left before exec (`sendmsg`, `close`) are allowed.
+//! 12. `execve` of the interpreter: the filter traps it to the supervisor, which
+//!     lets exactly this first one through and refuses every later one.
+
+use std::ffi::CStr;
+use std::os::fd::RawFd;
+
+/// Steps of the child, as reported through the error pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Step {
+    Signals = 1,
+    Setsid,
+    Fds,
+    Cgroup,
+    Mounts,
+    Root,
+    Hostname,
+    Rlimits,
+    Groups,
+    Gid,
+    Uid,
+    DeathSignal,
+    NoNewPrivs,
+    Seccomp,
+    SendListener,
+    Exec,
+}
+
+impl Step {
+    fn from_u32(v: u32) -> Option<Step> {
+        use Step::*;
+        [
+            Signals,
+            Setsid,
+            Fds,
+            Cgroup,
+            Mounts,
+            Root,
+            Hostname,
+            Rlimits,
+            Groups,
+            Gid,
+            Uid,
+            DeathSignal,
+            NoNewPrivs,
+            Seccomp,
+            SendListener,
+            Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("clone3 failed: {0}")]
+    Clone(#[source] std::io::Error),
+    #[error("the sandboxed child failed at step {step:?}: {source}")]
+    ChildStep {
+        step: Step,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the child enters its root.
+pub enum RootPlan<'a> {
+    /// Mount namespace: bind `scratch` on `root_tmp`, pivot into `root`.
+    Pivot {
+        root: &'a CStr,
+        root_tmp: &'a CStr,
+        scratch: &'a CStr,
+    },
+    /// No root at all (the host allowed no mounts): stay on the host fs in `scratch`.
+    None { scratch: &'a CStr },
+}
+
+/// Everything the child needs, prepared by the parent before `clone3`.
+pub struct ChildPlan<'a> {
+    pub program: &'a CStr,
+    /// Null-terminated.
+    pub argv: &'a [*const libc::c_char],
+    /// Null-terminated.
+    pub envp: &'a [*const libc::c_char],
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    pub key: RawFd,
+    /// Our end of the socket the listener fd is sent over.
+    pub control: RawFd,
+    /// Write end of the close-on-exec error pipe.
+    pub error: RawFd,
+    pub namespaces: u64,
+    pub root: RootPlan<'a>,
+    /// Working directory inside the root.
+    pub workdir: &'a CStr,
+    pub hostname: &'a [u8],
+    pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
+    /// Open `cgroup.procs` files to write "0" to (each moves the writer itself).
+    pub cgroup_procs: &'a [RawFd],
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub filter: &'a libc::sock_fprog,
+}
+
+/// The kernel's `struct clone_args` (v2, without cgroup).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+}
+
+/// A started child: its pid and a pidfd that polls readable when it exits.
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    pub pidfd: std::os::fd::OwnedFd,
+}
+
+/// Clone the child and run the lock-down in it. Returns in the parent only.
+///
+/// The caller must make sure the supervisor answers the child's first `execve`
+/// notification; see `runner`.
+pub fn spawn(plan: &ChildPlan<'_>) -> Result<Spawned, SpawnError> {
+    let mut pidfd: RawFd = -1;
+    let args = CloneArgs {
+        flags: plan.namespaces | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM forks the address space; the child branch
+    // below only makes raw syscalls on memory the plan borrows, then execs or exits.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        -1 => Err(SpawnError::Clone(std::io::Error::last_os_error())),
+        0 => {
+            // SAFETY: we are the freshly cloned child; child_main never returns.
+            unsafe { child_main(plan) }
+        }
+        pid => Ok(Spawned {
+            pid: pid as libc::pid_t,
+            // SAFETY: the kernel wrote a fresh pidfd that nothing else owns.
+            pidfd: unsafe { std::os::fd::FromRawFd::from_raw_fd(pidfd) },
+        }),
+    }
+}
+
+/// Check that the host lets us clone with `flags`: the child exits at once.
+pub fn probe(flags: u64) -> Result<(), std::io::Error> {
+    let args = CloneArgs {
+        flags,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: the child branch only calls _exit.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        -1 => Err(std::io::Error::last_os_error()),
+        // SAFETY: in the child; _exit is async-signal-safe.
+        0 => unsafe { libc::_exit(0) },
+        pid => {
+            let mut status = 0;
+            // SAFETY: reaping the child we just created.
+            unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+            Ok(())
+        }
+    }
+}
+
+/// Decode what the child wrote to the error pipe, if anything.
+pub fn decode_error(buf: &[u8]) -> Option<SpawnError> {
+    if buf.len() < 8 {
+        return None;
+    }
+    let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    Some(SpawnError::ChildStep {
+        step: Step::from_u32(step).unwrap_or(Step::Exec),
+        source: std::io::Error::from_raw_os_error(errno),
+    })
+}
+
+/// Report a failed step to the parent and exit. Async-signal-safe.
+unsafe fn fail(plan: &ChildPlan<'_>, step: Step) -> ! {
+    // SAFETY: __errno_location is thread-local storage of the only thread left.
+    let errno = unsafe { *libc::__errno_location() };
+    let mut msg = [0u8; 8];
+    msg[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+    msg[4..].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: plain write of a stack buffer, then _exit; nothing else runs.
+    unsafe {
+        libc::write(plan.error, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
+/// Check a raw call's return value; on -1 report the step and exit.
+/// Only used inside `child_main`'s unsafe block.
+macro_rules! step {
+    ($plan:expr, $step:expr, $call:expr) => {
+        if $call == -1 {
+            fail($plan, $step)
+        }
+    };
+}
+
+/// The child side of the lock-down, steps 1-12 of the module doc.
+///
+/// # Safety
+/// Must only be called in a child freshly created by `clone3` from `spawn`.
+unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
+    // SAFETY (whole body): every call below is a raw syscall or a libc wrapper
+    // that is async-signal-safe; all pointers come from `plan`, whose memory the
+    // parent keeps alive and which this forked copy of the address space holds.
+    unsafe {
+        // 1. Signals.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        step!(
+            plan,
+            Step::Signals,
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut())
+        );
+        if libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR {
+            fail(plan, Step::Signals);
+        }
+
+        // 2. Session and process group.
+        step!(plan, Step::Setsid, libc::setsid());
+
+        // 3. Fds: move the four we keep to 0-3 through high numbers (the sources
+        // may themselves be 0-3), then mark everything above 3 close-on-exec.
+        let wanted = [plan.stdin, plan.stdout, plan.stderr, plan.key];
+        let mut high = [0 as RawFd; 4];
+        for (i, fd) in wanted.iter().enumerate() {
+            high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100);
+            step!(plan, Step::Fds, high[i]);
+        }
+        for (target, fd) in high.iter().enumerate() {
+            // dup2 clears close-on-exec on the target.
+            step!(plan, Step::Fds, libc::dup2(*fd, target as RawFd));
+        }
+        step!(
+            plan,
+            Step::Fds,
+            libc::syscall(
+                libc::SYS_close_range,
+                4u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC
+            ) as i32
+        );
+
+        // 4. Cgroup.
+        for procs in plan.cgroup_procs {
+            if libc::write(*procs, b"0".as_ptr().cast(), 1) != 1 {
+                fail(plan, Step::Cgroup);
+            }
+        }
+
+        // 5. Root.
+        match plan.root {
+            RootPlan::Pivot {
+                root,
+                root_tmp,
+                scratch,
+            } => {
+                step!(
+                    plan,
+                    Step::Mounts,
+                    libc::mount(
+                        scratch.as_ptr(),
+                        root_tmp.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null()
+                    )
+                );
+                // pivot_root(".", "."): the old root ends up stacked on the new
+                // one and is detached at once, so no path leads back to the host.
+                step!(plan, Step::Root, libc::chdir(root.as_ptr()));
+                step!(
+                    plan,
+                    Step::Root,
+                    libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32
+                );
+                step!(
+                    plan,
+                    Step::Root,
+                    libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
+                );
+                step!(plan, Step::Root, libc::chdir(c"/".as_ptr()));
+                step!(plan, Step::Root, libc::chdir(plan.workdir.as_ptr()));
+            }
+            RootPlan::None { scratch } => {
+                step!(plan, Step::Root, libc::chdir(scratch.as_ptr()));
+            }
+        }
+
+        // 6. Hostname.
+        if plan.namespaces & libc::CLONE_NEWUTS as u64 != 0 {
+            step!(
+                plan,
+                Step::Hostname,
+                libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len())
+            );
+        }
+
+        // 7. Rlimits.
+        for (resource, limit) in plan.rlimits {
+            step!(plan, Step::Rlimits, libc::setrlimit(*resource, limit));
+        }
+
+        // 8. Identity: groups, then gid, then uid (which drops all capabilities).
+        step!(plan, Step::Groups, libc::setgroups(0, std::ptr::null()));
+        step!(
+            plan,
+            Step::Gid,
+            libc::setresgid(plan.gid, plan.gid, plan.gid)
+        );
+        step!(
+            plan,
+            Step::Uid,
+            libc::setresuid(plan.uid, plan.uid, plan.uid)
+        );
+
+        // 9. Die with the worker.
+        step!(
+            plan,
+            Step::DeathSignal,
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
+        );
+
+        // 10. No new privileges, ever.
+        step!(
+            plan,
+            Step::NoNewPrivs,
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0)
+        );
+
+        // 11. Seccomp, with a listener for the worker's supervisor.
+        let listener = libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            plan.filter as *const libc::sock_fprog,
+        ) as RawFd;
+        step!(plan, Step::Seccomp, listener);
+        if send_fd(plan.control, listener) == -1 {
+            // Also the parent-alive check: if the worker died before step 9,
+            // its end of the socket is gone and this fails.
+            fail(plan, Step::SendListener);
+        }
+        libc::close(listener);
+
+        // 12. Exec.
+        libc::execve(plan.program.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+        fail(plan, Step::Exec)
+    }
+}
+
+/// Send one fd with SCM_RIGHTS, using only the stack. Returns -1 on error.
+///
+/// # Safety
+/// Async-signal-safe; `sock` must be a connected unix socket.
+unsafe fn send_fd(sock: RawFd, fd: RawFd) -> isize {
+    #[repr(C, align(8))]
+    struct Cmsg([u8; 64]);
+    let mut buf = Cmsg([0; 64]);
+    let mut byte = [b'L'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: pointer arithmetic and stores within `buf`, sized above CMSG_SPACE(4).
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = buf.0.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
+    }
+}

@@ -1,0 +1,427 @@
+//! The only module that knows both the queue and the runner: fetch, run, ack.
+//!
+//! One fetch loop takes a job only when a slot is free (so idle jobs wait in
+//! Redis where another worker can take them), then hands it to a task that
+//! validates it, runs it on a blocking thread, and delivers the result. Redis
+//! errors never end the worker: it backs off (capped, exponential), reports
+//! not-ready, keeps running the jobs it holds and retries their results.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop fetching, give running jobs the grace
+//! period, then kill what is left and hand those jobs back to the queue.
+
+use crate::config::WorkerConfig;
+use crate::job::{self, Job, JobError, JobResult, Status};
+use crate::metrics::{Metrics, Readiness};
+use crate::queue::{now_ms, Queue, QueueError};
+use crate::runner::{Outcome, RunOptions, Runner};
+use crate::sandbox::Sandbox;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+/// How long one BLMOVE blocks; also the worst-case delay before shutdown is noticed.
+const FETCH_BLOCK: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Everything a job task needs, shared.
+struct Shared {
+    cfg: WorkerConfig,
+    queue: Queue,
+    sandbox: Arc<Sandbox>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    /// Read end of the kill switch: closing the write end stops every running job.
+    kill_switch: OwnedFd,
+    /// Raw payloads of jobs the drain killed: their tasks hand them back
+    /// instead of reporting a result.
+    shutdown_killed: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Capped exponential backoff.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(BACKOFF_MIN)
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        d
+    }
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+}
+
+/// Run the worker until `shutdown` fires and the drain is done.
+pub async fn run(
+    cfg: WorkerConfig,
+    sandbox: Arc<Sandbox>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let queue = Queue::new(&cfg.redis_url, &cfg.prefix, &cfg.worker_id)?;
+    let (kill_r, kill_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| QueueError::Pool(format!("kill switch pipe: {e}")))?;
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        queue: queue.clone(),
+        sandbox,
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        kill_switch: kill_r,
+        shutdown_killed: Mutex::default(),
+    });
+    metrics.slots.set(cfg.concurrency as i64);
+    let slots = Arc::new(Semaphore::new(cfg.concurrency));
+    let tracker = TaskTracker::new();
+    let in_flight: Arc<Mutex<Vec<(Vec<u8>, Option<String>)>>> = Arc::default();
+
+    tracker.spawn(depth_reporter(shared.clone(), shutdown.clone()));
+
+    let mut conn = None;
+    let mut backoff = Backoff::new();
+    info!(
+        worker = %cfg.worker_id,
+        queue = %queue.keys.queue(),
+        concurrency = cfg.concurrency,
+        "waiting for jobs"
+    );
+    while !shutdown.is_cancelled() {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        if conn.is_none() {
+            match queue.blocking_connection().await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    redis_down(&shared, &e);
+                    sleep_or_cancel(backoff.next(), &shutdown).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        // Not raced against shutdown: dropping a BLMOVE in flight could leave
+        // a job moved but unseen. It returns within FETCH_BLOCK anyway.
+        match queue.fetch(c, FETCH_BLOCK).await {
+            Ok(Some(raw)) => {
+                backoff.reset();
+                redis_up(&shared);
+                let shared = shared.clone();
+                let in_flight = in_flight.clone();
+                tracker.spawn(async move {
+                    handle(shared, raw, in_flight).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => {
+                backoff.reset();
+                redis_up(&shared);
+            }
+            Err(e) => {
+                redis_down(&shared, &e);
+                conn = None;
+                sleep_or_cancel(backoff.next(), &shutdown).await;
+            }
+        }
+    }
+
+    // Drain.
+    tracker.close();
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let running = cfg.concurrency - slots.available_permits();
+    info!(running, grace_ms = cfg.shutdown_grace_ms, "shutting down: no new jobs");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        let left = in_flight.lock().map(|v| v.clone()).unwrap_or_default();
+        warn!(jobs = left.len(), "grace period over: stopping the jobs still running and handing them back");
+        // Mark them first so their tasks do not deliver a result, then kill.
+        if let Ok(mut killed) = shared.shutdown_killed.lock() {
+            killed.extend(left.iter().map(|(raw, _)| raw.clone()));
+        }
+        drop(kill_w);
+        tracker.wait().await;
+        let mut n = 0;
+        for (raw, id) in left {
+            match queue.requeue(&raw, id.as_deref()).await {
+                Ok(true) => n += 1,
+                Ok(false) => {}
+                Err(e) => error!(error = %e, "could not hand a job back; the reaper will recover it"),
+            }
+        }
+        metrics.requeued("shutdown", n);
+        info!(requeued = n, "jobs handed back to the queue");
+    }
+    Ok(())
+}
+
+fn redis_down(shared: &Shared, e: &QueueError) {
+    let was_up = shared.readiness.redis.swap(false, Ordering::Relaxed);
+    shared.metrics.redis_error(e.op());
+    if let Ok(mut last) = shared.readiness.last_redis_error.lock() {
+        *last = Some(e.to_string());
+    }
+    if was_up {
+        error!(error = %e, "Redis unreachable; retrying with backoff");
+    } else {
+        debug!(error = %e, "Redis still unreachable");
+    }
+}
+
+fn redis_up(shared: &Shared) {
+    if !shared.readiness.redis.swap(true, Ordering::Relaxed) {
+        info!("Redis reachable");
+    }
+}
+
+async fn sleep_or_cancel(d: Duration, token: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = token.cancelled() => {}
+    }
+}
+
+/// Refresh the queue-depth gauges and check Redis every few seconds.
+async fn depth_reporter(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match shared.queue.depths().await {
+            Ok((q, d, p)) => {
+                redis_up(&shared);
+                shared.metrics.queue_depths(q, d, p);
+            }
+            Err(e) => redis_down(&shared, &e),
+        }
+    }
+}
+
+/// Deliver a result, retrying through Redis outages; results are never dropped
+/// while the worker lives. Returns whether this push was the first for the id.
+async fn deliver(shared: &Shared, raw: &[u8], result: &JobResult, reply_key: &str, ttl_s: u64) {
+    let json = result.to_json();
+    let mut backoff = Backoff::new();
+    loop {
+        match shared.queue.complete(raw, &result.id, reply_key, &json, ttl_s).await {
+            Ok(first) => {
+                redis_up(shared);
+                if !first {
+                    info!("a result for this id was already delivered; this one is dropped");
+                }
+                return;
+            }
+            Err(e) => {
+                redis_down(shared, &e);
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+    }
+}
+
+async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<Mutex<Vec<(Vec<u8>, Option<String>)>>>) {
+    let cfg = shared.cfg.clone();
+    let job = match job::parse(&raw, &cfg.settings.limits) {
+        Ok(job) => job,
+        Err(JobError::Unreadable(reason)) => {
+            warn!(%reason, bytes = raw.len(), "payload is not a job: dead-lettered");
+            let mut backoff = Backoff::new();
+            while let Err(e) = shared.queue.dead_letter(&raw, &reason, None).await {
+                redis_down(&shared, &e);
+                tokio::time::sleep(backoff.next()).await;
+            }
+            shared.metrics.dead_letter("unreadable");
+            return;
+        }
+        Err(JobError::Invalid { id, reply_to, message }) => {
+            let reply_key = reply_to
+                .filter(|k| shared.queue.keys.reply_key_allowed(k))
+                .unwrap_or_else(|| shared.queue.keys.result(&id));
+            info!(job_id = %id, error = %message, "job rejected");
+            let result = JobResult::not_run(&id, Status::Rejected, message, &cfg.worker_id);
+            deliver(&shared, &raw, &result, &reply_key, cfg.settings.limits.default_result_ttl_s).await;
+            shared.metrics.job_finished("unknown", Status::Rejected);
+            return;
+        }
+    };
+    let span = info_span!("job", job_id = %job.id, language = %job.language);
+    let cfg = &cfg;
+    async move {
+        let reply_key = match &job.reply_to {
+            Some(k) if !shared.queue.keys.reply_key_allowed(k) => {
+                let result = JobResult::not_run(
+                    &job.id,
+                    Status::Rejected,
+                    format!("field `reply_to`: {k:?} is one of sandq's own keys"),
+                    &cfg.worker_id,
+                );
+                let fallback = shared.queue.keys.result(&job.id);
+                deliver(&shared, &raw, &result, &fallback, job.result_ttl_s).await;
+                shared.metrics.job_finished(job.language.as_str(), Status::Rejected);
+                return;
+            }
+            Some(k) => k.clone(),
+            None => shared.queue.keys.result(&job.id),
+        };
+        let attempt = begin(&shared, &job).await;
+        if attempt > cfg.max_attempts {
+            let reason = format!(
+                "delivered {attempt} times, more than max_attempts {}: the job keeps killing its worker",
+                cfg.max_attempts
+            );
+            warn!(attempt, "poison job: dead-lettered");
+            let mut backoff = Backoff::new();
+            while let Err(e) = shared.queue.dead_letter(&raw, &reason, Some(&job.id)).await {
+                redis_down(&shared, &e);
+                tokio::time::sleep(backoff.next()).await;
+            }
+            shared.metrics.dead_letter("max_attempts");
+            let mut result = JobResult::not_run(&job.id, Status::InternalError, reason, &cfg.worker_id);
+            result.attempt = attempt;
+            deliver(&shared, &raw, &result, &reply_key, job.result_ttl_s).await;
+            shared.metrics.job_finished(job.language.as_str(), Status::InternalError);
+            return;
+        }
+        if let Some(at) = job.enqueued_at_ms {
+            shared
+                .metrics
+                .queue_waited(job.language, Duration::from_millis(now_ms().saturating_sub(at)));
+        }
+
+        if let Ok(mut v) = in_flight.lock() {
+            v.push((raw.clone(), Some(job.id.clone())));
+        }
+        shared.metrics.in_flight.inc();
+        let started = Instant::now();
+        let outcome = run_blocking(&shared, job.clone()).await;
+        shared.metrics.in_flight.dec();
+        if let Ok(mut v) = in_flight.lock() {
+            if let Some(i) = v.iter().position(|(r, _)| *r == raw) {
+                v.swap_remove(i);
+            }
+        }
+        let killed = shared
+            .shutdown_killed
+            .lock()
+            .map(|k| k.contains(&raw))
+            .unwrap_or(false);
+        if killed {
+            // The drain hands it back to the queue; no result for this delivery.
+            return;
+        }
+        let result = match outcome {
+            Ok(o) => {
+                record(&shared, &job, &o);
+                to_result(&job, o, &cfg.worker_id, attempt)
+            }
+            Err(e) => {
+                error!(error = %e, "the sandbox could not run the job");
+                let mut r = JobResult::not_run(
+                    &job.id,
+                    Status::InternalError,
+                    format!("the sandbox could not run the job: {e}"),
+                    &cfg.worker_id,
+                );
+                r.attempt = attempt;
+                r.language = Some(job.language.as_str());
+                r.duration_ms = started.elapsed().as_millis() as u64;
+                r
+            }
+        };
+        shared.metrics.job_finished(job.language.as_str(), result.status);
+        info!(
+            status = result.status.as_str(),
+            duration_ms = result.duration_ms,
+            stdout_bytes = result.stdout.len(),
+            stderr_bytes = result.stderr.len(),
+            "job finished"
+        );
+        deliver(&shared, &raw, &result, &reply_key, job.result_ttl_s).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Count the delivery; if Redis is down, keep trying (the job is safe in the
+/// processing list meanwhile).
+async fn begin(shared: &Shared, job: &Job) -> u32 {
+    let mut backoff = Backoff::new();
+    loop {
+        match shared.queue.begin(&job.id).await {
+            Ok(n) => return n.max(1),
+            Err(e) => {
+                redis_down(shared, &e);
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+    }
+}
+
+async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String> {
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let opts = RunOptions {
+            output_limit: s.cfg.settings.output_limit,
+            learn: false,
+            cancel: Some(s.kill_switch.as_raw_fd()),
+        };
+        Runner { sandbox: &s.sandbox }
+            .run(&job, &opts)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the run thread failed: {e}")))
+}
+
+fn record(shared: &Shared, job: &Job, o: &Outcome) {
+    let m = &shared.metrics;
+    m.job_ran(job.language, o.duration, o.spawn_duration, o.usage.cpu_ms, o.usage.max_rss_kb);
+    if let Some(v) = &o.violation {
+        m.violation(job.language, &v.syscall);
+    }
+    if o.stdout_truncated {
+        m.truncated("stdout");
+    }
+    if o.stderr_truncated {
+        m.truncated("stderr");
+    }
+}
+
+/// The wire result for a run.
+pub fn to_result(job: &Job, o: Outcome, worker: &str, attempt: u32) -> JobResult {
+    JobResult {
+        id: job.id.clone(),
+        status: o.status,
+        exit_code: o.exit_code,
+        signal: o.signal,
+        stdout: o.stdout,
+        stderr: o.stderr,
+        stdout_truncated: o.stdout_truncated,
+        stderr_truncated: o.stderr_truncated,
+        error: o.error,
+        violation: o.violation,
+        duration_ms: o.duration.as_millis() as u64,
+        cpu_ms: Some(o.usage.cpu_ms),
+        max_rss_kb: Some(o.usage.max_rss_kb),
+        language: Some(job.language.as_str()),
+        worker: worker.to_owned(),
+        attempt,
+    }
+}
