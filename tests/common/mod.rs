@@ -1,0 +1,202 @@
+//! Test harness: a real `sandq worker` process against the real Redis, each
+//! test under a key prefix of its own (deleted afterwards, never FLUSH*).
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sandq");
+
+pub fn redis_url() -> String {
+    std::env::var("SANDQ_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A connection to the test Redis. In CI a missing Redis fails the test; on a
+/// developer machine it skips it (returns None) with a note.
+pub fn redis() -> Option<redis::Connection> {
+    let client = redis::Client::open(redis_url()).expect("valid redis url");
+    match client.get_connection_with_timeout(Duration::from_secs(2)) {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true and Redis at {} is unreachable: {e}", redis_url())
+        }
+        Err(e) => {
+            eprintln!("skipping: Redis at {} unreachable: {e}", redis_url());
+            None
+        }
+    }
+}
+
+/// A prefix no other test or run shares.
+pub fn prefix(name: &str) -> String {
+    format!("sandq-test:{name}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// A running worker; killed (SIGKILL) and its keys deleted when dropped.
+pub struct Worker {
+    pub child: Option<Child>,
+    pub prefix: String,
+    pub id: String,
+    pub log: Arc<Mutex<String>>,
+    cleanup: bool,
+}
+
+impl Worker {
+    pub fn start(prefix: &str, args: &[&str]) -> Worker {
+        Self::start_with_id(prefix, &format!("w-{:08x}", rand::random::<u32>()), args)
+    }
+
+    pub fn start_with_id(prefix: &str, id: &str, args: &[&str]) -> Worker {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("worker")
+            .args(["--redis", &redis_url(), "--prefix", prefix, "--worker-id", id])
+            .args(["--metrics-addr", "off"])
+            .args(args)
+            .env("SANDQ_LOG", "info")
+            .env_remove("SANDQ_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start sandq worker");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("waiting for jobs") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let worker = Worker {
+            child: Some(child),
+            prefix: prefix.to_owned(),
+            id: id.to_owned(),
+            log: log.clone(),
+            cleanup: true,
+        };
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!("worker did not start; log:\n{}", log.lock().unwrap());
+        }
+        worker
+    }
+
+    /// Keep the prefix's keys when this handle goes (another worker follows).
+    pub fn keep_keys(mut self) -> Self {
+        self.cleanup = false;
+        self
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// Wait for the process to exit; returns its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.cleanup {
+            delete_prefix(&self.prefix);
+        }
+    }
+}
+
+/// Delete every key under `prefix:` (SCAN, never FLUSH).
+pub fn delete_prefix(prefix: &str) {
+    let Some(mut conn) = redis() else { return };
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap_or_default();
+    for k in keys {
+        let _: Result<(), _> = redis::cmd("DEL").arg(k).query(&mut conn);
+    }
+}
+
+pub fn push(conn: &mut redis::Connection, prefix: &str, job: &Value) {
+    let _: i64 = redis::cmd("RPUSH").arg(format!("{prefix}:queue")).arg(job.to_string()).query(conn).unwrap();
+}
+
+pub fn push_raw(conn: &mut redis::Connection, prefix: &str, raw: &str) {
+    let _: i64 = redis::cmd("RPUSH").arg(format!("{prefix}:queue")).arg(raw).query(conn).unwrap();
+}
+
+/// BLPOP the result of `id`.
+pub fn result(conn: &mut redis::Connection, prefix: &str, id: &str, timeout: Duration) -> Value {
+    let r: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg(format!("{prefix}:result:{id}"))
+        .arg(timeout.as_secs_f64())
+        .query(conn)
+        .unwrap();
+    let (_, json) = r.unwrap_or_else(|| panic!("no result for {id} within {timeout:?}"));
+    serde_json::from_str(&json).unwrap()
+}
+
+/// Push one job and wait for its result.
+pub fn run_job(conn: &mut redis::Connection, prefix: &str, mut job: Value) -> Value {
+    let id = format!("j-{:016x}", rand::random::<u64>());
+    job["id"] = json!(id);
+    if job.get("language").is_none() {
+        job["language"] = json!("python3");
+    }
+    push(conn, prefix, &job);
+    let t = job.get("timeout_ms").and_then(|v| v.as_u64()).unwrap_or(5000);
+    result(conn, prefix, &id, Duration::from_millis(t + 30_000))
+}
+
+/// Python one-liner convenience.
+pub fn py(conn: &mut redis::Connection, prefix: &str, code: &str) -> Value {
+    run_job(conn, prefix, json!({"language": "python3", "code": code}))
+}
+
+pub fn node(conn: &mut redis::Connection, prefix: &str, code: &str) -> Value {
+    run_job(conn, prefix, json!({"language": "nodejs", "code": code}))
+}
+
+pub fn llen(conn: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("LLEN").arg(key).query(conn).unwrap()
+}
+
+pub fn processing_total(conn: &mut redis::Connection, prefix: &str) -> i64 {
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:processing:*")).query(conn).unwrap();
+    keys.iter().map(|k| llen(conn, k)).sum()
+}
+
+/// Assert a status, printing the whole result when it differs.
+#[track_caller]
+pub fn assert_status(r: &Value, status: &str) {
+    assert_eq!(r["status"], status, "unexpected result: {}", serde_json::to_string_pretty(r).unwrap());
+}

@@ -1,0 +1,250 @@
+//! The core slice end to end: a real worker, real Redis, real Python, talking
+//! only through the queue contract.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[test]
+fn hello_stdin_unicode_big_output_and_streams() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("hello");
+    let w = Worker::start(&p, &["--concurrency", "2"]);
+
+    let r = py(&mut c, &p, "print(6*7)");
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "42\n");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["attempt"], 1);
+    assert_eq!(r["worker"], w.id.as_str());
+    assert!(r["error"].is_null());
+
+    let r = run_job(&mut c, &p, json!({"code": "import sys; print(sys.stdin.read().upper(), end='')", "stdin": "echo me\n"}));
+    assert_eq!(r["stdout"], "ECHO ME\n");
+
+    let r = py(&mut c, &p, "print('héllo wörld ✓ 你好 🎉')");
+    assert_eq!(r["stdout"], "héllo wörld ✓ 你好 🎉\n");
+
+    let r = py(&mut c, &p, "import sys\nsys.stdout.write('0123456789' * 20000)");
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"].as_str().unwrap().len(), 200_000);
+    assert_eq!(r["stdout_truncated"], false);
+
+    let r = py(&mut c, &p, "import sys\nprint('to out')\nprint('to err', file=sys.stderr)");
+    assert_eq!(r["stdout"], "to out\n");
+    assert_eq!(r["stderr"], "to err\n");
+}
+
+#[test]
+fn errors_and_exit_codes() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("errors");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+
+    let r = py(&mut c, &p, "def f():\n    raise ValueError('bad')\nf()");
+    assert_status(&r, "error");
+    let stderr = r["stderr"].as_str().unwrap();
+    assert!(stderr.contains("Traceback"), "{stderr}");
+    assert!(stderr.contains("ValueError: bad"), "{stderr}");
+    assert!(stderr.contains("raise ValueError('bad')"), "the user's source line is shown: {stderr}");
+    assert!(!stderr.contains(".sandq-"), "no prescript frames: {stderr}");
+    assert_eq!(r["exit_code"], 1);
+    assert!(r["error"].as_str().unwrap().contains("code 1"));
+
+    let r = py(&mut c, &p, "import sys; sys.exit(3)");
+    assert_status(&r, "error");
+    assert_eq!(r["exit_code"], 3);
+}
+
+#[test]
+fn timeout_is_enforced_quickly() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("timeout");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+    let started = Instant::now();
+    let r = run_job(&mut c, &p, json!({"code": "while True: pass", "timeout_ms": 1000}));
+    let took = started.elapsed();
+    assert_status(&r, "timeout");
+    assert_eq!(r["signal"], "SIGKILL");
+    assert!(took < Duration::from_secs(2), "result after {took:?}");
+    // The worker serves the next job.
+    assert_status(&py(&mut c, &p, "print('alive')"), "ok");
+}
+
+#[test]
+fn network_fork_exec_subprocess_are_stopped() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("deny");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+
+    let r = py(&mut c, &p, "import socket\nsocket.socket()");
+    assert_status(&r, "violation");
+    assert_eq!(r["violation"]["syscall"], "socket");
+    assert_eq!(r["violation"]["number"], 41);
+    assert_eq!(r["error"], "blocked system call: socket");
+
+    for (code, syscall) in [
+        ("import os\nos.fork()", "clone"),
+        ("import os\nos.execv('/usr/bin/id', ['id'])", "execve"),
+        ("import subprocess\nsubprocess.run(['id'])", "vfork"),
+    ] {
+        let r = py(&mut c, &p, code);
+        assert_status(&r, "violation");
+        assert_eq!(r["violation"]["syscall"], syscall, "{code}");
+    }
+    // And nothing ran: no output from `id`.
+    let r = py(&mut c, &p, "import os\ntry:\n    os.posix_spawn('/usr/bin/id', ['id'], {})\nexcept OSError as e:\n    print('refused', e)");
+    assert!(r["stdout"].as_str().unwrap().is_empty() || r["stdout"].as_str().unwrap().starts_with("refused"), "{r}");
+    assert_ne!(r["status"], "ok");
+}
+
+#[test]
+fn identity_environment_and_filesystem() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("ident");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+
+    let r = py(&mut c, &p, "import os\nprint(os.getuid(), os.getgid(), os.geteuid())");
+    assert_status(&r, "ok");
+    let ids: Vec<u32> = r["stdout"].as_str().unwrap().split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert!(ids.iter().all(|&u| u != 0 && u != unsafe { libc::getuid() }), "{ids:?}");
+
+    let r = py(&mut c, &p, "import os, json\nprint(json.dumps(dict(os.environ)))");
+    let env: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r["stdout"].as_str().unwrap()).unwrap();
+    for (k, _) in std::env::vars() {
+        if !["LANG", "HOME", "PATH", "TMPDIR"].contains(&k.as_str()) {
+            assert!(!env.contains_key(&k), "worker variable {k} leaked");
+        }
+    }
+    assert!(!env.contains_key("SANDQ_LOG"));
+
+    let r = py(&mut c, &p, "open('/etc/shadow').read()");
+    assert_status(&r, "error");
+    assert!(r["stderr"].as_str().unwrap().contains("Error"), "{r}");
+
+    let r = py(&mut c, &p, "open('/usr/lib/evil', 'w').write('x')");
+    assert_status(&r, "error");
+    assert!(r["stderr"].as_str().unwrap().contains("Read-only file system"), "{r}");
+
+    // The scratch dir is writable and private.
+    let r = py(&mut c, &p, "import os\nopen('f.txt','w').write('hi')\nprint(open('f.txt').read(), oct(os.stat('.').st_mode & 0o777))");
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "hi 0o700\n");
+}
+
+#[test]
+fn output_flood_is_capped_and_worker_survives() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("flood");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+    let r = py(&mut c, &p, "import sys\nchunk = 'x' * 1024 * 1024\nfor _ in range(20):\n    sys.stdout.write(chunk)");
+    assert_status(&r, "output_limit");
+    assert_eq!(r["stdout_truncated"], true);
+    assert!(r["stdout"].as_str().unwrap().len() <= 1024 * 1024);
+    assert!(r["stdout"].as_str().unwrap().len() > 1000);
+    assert_status(&py(&mut c, &p, "print('next')"), "ok");
+}
+
+#[test]
+fn bad_payloads_are_dead_lettered_or_rejected() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("bad");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+
+    push_raw(&mut c, &p, "this is not json");
+    push_raw(&mut c, &p, "[1, 2, 3]");
+    let cases = [
+        (json!({"id": "r1", "language": "cobol", "code": "x"}), "`language`"),
+        (json!({"id": "r2", "language": "python3"}), "`code` is required"),
+        (json!({"id": "r3", "language": "python3", "code": "x".repeat(1024 * 1024 + 1)}), "more than the limit"),
+        (json!({"id": "r4", "language": "python3", "code": "print(1)", "timeout_ms": "soon"}), "`timeout_ms`"),
+        (json!({"id": "r5", "language": "python3", "code": "print(1)", "enable_network": true}), "does not allow"),
+        (json!({"id": "r6", "language": "python3", "code": "print(1)", "reply_to": format!("{p}:queue")}), "`reply_to`"),
+    ];
+    for (job, _) in &cases {
+        push(&mut c, &p, job);
+    }
+    for (job, needle) in &cases {
+        let id = job["id"].as_str().unwrap();
+        let r = result(&mut c, &p, id, Duration::from_secs(10));
+        assert_status(&r, "rejected");
+        assert!(r["error"].as_str().unwrap().contains(needle), "{id}: {}", r["error"]);
+    }
+    // Dead letters carry the reason and the payload.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while llen(&mut c, &format!("{p}:dead")) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dead: Vec<String> = redis::cmd("LRANGE").arg(format!("{p}:dead")).arg(0).arg(-1).query(&mut c).unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let first: serde_json::Value = serde_json::from_str(&dead[0]).unwrap();
+    assert_eq!(first["payload"], "this is not json");
+    assert!(first["reason"].as_str().unwrap().contains("not valid JSON"));
+    // And the worker still serves.
+    assert_status(&py(&mut c, &p, "print('still here')"), "ok");
+    assert_eq!(processing_total(&mut c, &p), 0);
+}
+
+#[test]
+fn two_hundred_jobs_each_answered_once() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("burst");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+    let ids: Vec<String> = (0..200).map(|i| format!("b{i}")).collect();
+    let mut pipe = redis::pipe();
+    for (i, id) in ids.iter().enumerate() {
+        let job = json!({"id": id, "language": "python3", "code": format!("print({i} * 2)")});
+        pipe.cmd("RPUSH").arg(format!("{p}:queue")).arg(job.to_string()).ignore();
+    }
+    let _: () = pipe.query(&mut c).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let r = result(&mut c, &p, id, Duration::from_secs(120));
+        assert_status(&r, "ok");
+        assert_eq!(r["id"], id.as_str());
+        assert_eq!(r["stdout"], format!("{}\n", i * 2));
+        // Exactly once: nothing else arrives on the reply key.
+        assert_eq!(llen(&mut c, &format!("{p}:result:{id}")), 0);
+    }
+    assert_eq!(processing_total(&mut c, &p), 0);
+    assert_eq!(llen(&mut c, &format!("{p}:queue")), 0);
+}
+
+#[test]
+fn run_without_redis() {
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--language", "python3", "--code", "print(1)"])
+        .env("SANDQ_REDIS", "redis://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--language", "python3", "--code", "import sys; sys.exit(7)"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--language", "python3", "--json", "--code", "print(2)"])
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["stdout"], "2\n");
+}
+
+#[test]
+fn submit_pushes_and_waits() {
+    let Some(_c) = redis() else { return };
+    let p = prefix("submit");
+    let _w = Worker::start(&p, &["--concurrency", "1"]);
+    let out = std::process::Command::new(BIN)
+        .args(["submit", "--redis", &redis_url(), "--prefix", &p, "--language", "python3", "--code", "print(40+2)"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["stdout"], "42\n");
+}
