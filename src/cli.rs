@@ -61,7 +61,15 @@ fn prepare_sandbox(
     Ok((Arc::new(sandbox), settings))
 }
 
-fn local_job(language: Language, code: String, stdin: Option<String>, timeout_ms: Option<u64>, memory_mb: Option<u64>, network: bool, limits: &crate::job::Limits) -> Job {
+fn local_job(
+    language: Language,
+    code: String,
+    stdin: Option<String>,
+    timeout_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    network: bool,
+    limits: &crate::job::Limits,
+) -> Job {
     Job {
         id: uuid::Uuid::new_v4().to_string(),
         language,
@@ -69,11 +77,16 @@ fn local_job(language: Language, code: String, stdin: Option<String>, timeout_ms
         preload: String::new(),
         stdin: stdin.unwrap_or_default(),
         enable_network: network,
-        timeout_ms: timeout_ms.unwrap_or(limits.default_timeout_ms).min(limits.max_timeout_ms),
-        memory_mb: memory_mb.unwrap_or(limits.default_memory_mb).min(limits.max_memory_mb),
+        timeout_ms: timeout_ms
+            .unwrap_or(limits.default_timeout_ms)
+            .min(limits.max_timeout_ms),
+        memory_mb: memory_mb
+            .unwrap_or(limits.default_memory_mb)
+            .min(limits.max_memory_mb),
         reply_to: None,
         result_ttl_s: limits.default_result_ttl_s,
         enqueued_at_ms: None,
+        expires_at_ms: None,
     }
 }
 
@@ -86,18 +99,35 @@ fn self_test(sandbox: &Sandbox, output_limit: usize) -> Result<Vec<String>, CliE
         (Language::Nodejs, "console.log('sandq-self-test')"),
     ] {
         if language == Language::Nodejs && !sandbox.config.node.exists() {
-            notes.push(format!("nodejs: no interpreter at {}", sandbox.config.node.display()));
+            notes.push(format!(
+                "nodejs: no interpreter at {}",
+                sandbox.config.node.display()
+            ));
             continue;
         }
-        let job = local_job(language, code.into(), None, Some(10_000), None, false, &limits);
-        let opts = RunOptions { output_limit, learn: false, cancel: None };
+        let job = local_job(
+            language,
+            code.into(),
+            None,
+            Some(10_000),
+            None,
+            false,
+            &limits,
+        );
+        let opts = RunOptions {
+            output_limit,
+            learn: false,
+            cancel: None,
+        };
         let outcome = Runner { sandbox }.run(&job, &opts);
         match outcome {
-            Ok(o) if o.status == Status::Ok && o.stdout == "sandq-self-test\n" => notes.push(format!(
-                "{language}: ok, {:.1} ms to exec, {:.1} ms in all",
-                o.spawn_duration.as_secs_f64() * 1e3,
-                o.duration.as_secs_f64() * 1e3
-            )),
+            Ok(o) if o.status == Status::Ok && o.stdout == "sandq-self-test\n" => {
+                notes.push(format!(
+                    "{language}: ok, {:.1} ms to exec, {:.1} ms in all",
+                    o.spawn_duration.as_secs_f64() * 1e3,
+                    o.duration.as_secs_f64() * 1e3
+                ))
+            }
             Ok(o) => {
                 let why = format!(
                     "{language}: status {}, {}; stderr: {}",
@@ -133,11 +163,24 @@ pub struct EmbeddedRedis {
 impl EmbeddedRedis {
     pub fn start() -> Result<EmbeddedRedis, CliError> {
         use std::os::unix::process::CommandExt;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let mut cmd = std::process::Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "yes"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit());
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
         // SAFETY: prctl is async-signal-safe and touches no memory of ours.
         unsafe {
             cmd.pre_exec(|| {
@@ -146,9 +189,9 @@ impl EmbeddedRedis {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| CliError::EmbeddedRedis(format!("starting redis-server from PATH: {e}")))?;
+        let child = cmd.spawn().map_err(|e| {
+            CliError::EmbeddedRedis(format!("starting redis-server from PATH: {e}"))
+        })?;
         let url = format!("redis://127.0.0.1:{port}");
         let redis = EmbeddedRedis { child, url, port };
         let client = redis::Client::open(redis.url.as_str())?;
@@ -160,7 +203,9 @@ impl EmbeddedRedis {
                 }
             }
             if started.elapsed() > Duration::from_secs(10) {
-                return Err(CliError::EmbeddedRedis("redis-server did not answer within 10 s".into()));
+                return Err(CliError::EmbeddedRedis(
+                    "redis-server did not answer within 10 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -180,7 +225,10 @@ impl Drop for EmbeddedRedis {
 fn redis_answers(url: &str) -> bool {
     redis::Client::open(url)
         .ok()
-        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)).ok())
+        .and_then(|c| {
+            c.get_connection_with_timeout(Duration::from_millis(500))
+                .ok()
+        })
         .is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok())
 }
 
@@ -237,7 +285,10 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
                 }
             });
         }
-        info!(startup_ms = started.elapsed().as_millis() as u64, "worker started");
+        info!(
+            startup_ms = started.elapsed().as_millis() as u64,
+            "worker started"
+        );
         if cfg.demo {
             tokio::spawn(demo(cfg.redis_url.clone(), cfg.prefix.clone()));
         }
@@ -252,7 +303,10 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             error!("cannot install signal handlers");
             return;
         };
@@ -272,15 +326,30 @@ async fn demo(url: String, prefix: String) {
         ("python3", "import socket\nsocket.socket()"),
         ("nodejs", "console.log('hello from node', process.version)"),
     ];
-    let Ok(client) = redis::Client::open(url.as_str()) else { return };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let Ok(client) = redis::Client::open(url.as_str()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
     for (language, code) in jobs {
         let id = format!("demo-{}", uuid::Uuid::new_v4());
         let job = serde_json::json!({"id": id, "language": language, "code": code});
-        let _: Result<i64, _> = redis::cmd("RPUSH").arg(format!("{prefix}:queue")).arg(job.to_string()).query_async(&mut conn).await;
-        let reply: Result<Option<(String, String)>, _> = redis::cmd("BLPOP").arg(format!("{prefix}:result:{id}")).arg(20).query_async(&mut conn).await;
+        let _: Result<i64, _> = redis::cmd("RPUSH")
+            .arg(format!("{prefix}:queue"))
+            .arg(job.to_string())
+            .query_async(&mut conn)
+            .await;
+        let reply: Result<Option<(String, String)>, _> = redis::cmd("BLPOP")
+            .arg(format!("{prefix}:result:{id}"))
+            .arg(20)
+            .query_async(&mut conn)
+            .await;
         if let Ok(Some((_, result))) = reply {
-            println!("demo job ({language}):\n  code: {}\n  result: {result}\n", code.replace('\n', "; "));
+            println!(
+                "demo job ({language}):\n  code: {}\n  result: {result}\n",
+                code.replace('\n', "; ")
+            );
         }
     }
     let port = url.rsplit(':').next().unwrap_or("6379");
@@ -303,18 +372,34 @@ fn exit_code_of(o: &Outcome) -> u8 {
 pub fn run(args: RunArgs, learn: bool) -> Result<ExitCode, CliError> {
     let language = config::parse_language(&args.language)?;
     let code = config::read_code(&args.code, &args.file)?;
-    let (sandbox, settings) = prepare_sandbox(&args.sandbox, 1, &format!("run-{}", std::process::id()))?;
+    let (sandbox, settings) =
+        prepare_sandbox(&args.sandbox, 1, &format!("run-{}", std::process::id()))?;
     if args.enable_network && !settings.limits.allow_network {
         return Err(ConfigError::Invalid("--enable-network needs --allow-network".into()).into());
     }
-    let job = local_job(language, code, args.stdin.clone(), args.timeout_ms, args.memory_mb, args.enable_network, &settings.limits);
-    let opts = RunOptions { output_limit: settings.output_limit, learn, cancel: None };
+    let job = local_job(
+        language,
+        code,
+        args.stdin.clone(),
+        args.timeout_ms,
+        args.memory_mb,
+        args.enable_network,
+        &settings.limits,
+    );
+    let opts = RunOptions {
+        output_limit: settings.output_limit,
+        learn,
+        cancel: None,
+    };
     let outcome = Runner { sandbox: &sandbox }.run(&job, &opts)?;
     if learn {
         return Ok(print_profile(language, &outcome));
     }
     if args.json {
-        let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
         let result = crate::worker::to_result(&job, outcome.clone(), &host, 1);
         println!("{}", result.to_json());
     } else {
@@ -331,7 +416,11 @@ pub fn run(args: RunArgs, learn: bool) -> Result<ExitCode, CliError> {
 }
 
 fn print_profile(language: Language, o: &Outcome) -> ExitCode {
-    println!("status: {} (exit code {:?})", o.status.as_str(), o.exit_code);
+    println!(
+        "status: {} (exit code {:?})",
+        o.status.as_str(),
+        o.exit_code
+    );
     if o.unlisted.is_empty() {
         println!("every syscall this program made is on the {language} allowlist");
         return ExitCode::SUCCESS;
@@ -341,8 +430,15 @@ fn print_profile(language: Language, o: &Outcome) -> ExitCode {
         println!("  {name}");
     }
     let quoted: Vec<String> = o.unlisted.iter().map(|n| format!("{n:?}")).collect();
-    println!("\nto allow them, add to the config file:\n  allow_syscall = [{}]", quoted.join(", "));
-    let flags: Vec<String> = o.unlisted.iter().map(|n| format!("--allow-syscall {n}")).collect();
+    println!(
+        "\nto allow them, add to the config file:\n  allow_syscall = [{}]",
+        quoted.join(", ")
+    );
+    let flags: Vec<String> = o
+        .unlisted
+        .iter()
+        .map(|n| format!("--allow-syscall {n}"))
+        .collect();
     println!("or pass:\n  {}", flags.join(" "));
     ExitCode::from(1)
 }
@@ -358,14 +454,23 @@ pub fn doctor(args: config::DoctorArgs) -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
-    println!("sandq {} isolation layers (prepared in {:.1} ms):", env!("CARGO_PKG_VERSION"), sandbox.prepared_in.as_secs_f64() * 1e3);
+    println!(
+        "sandq {} isolation layers (prepared in {:.1} ms):",
+        env!("CARGO_PKG_VERSION"),
+        sandbox.prepared_in.as_secs_f64() * 1e3
+    );
     print!("{}", sandbox.layers.table());
     match self_test(&sandbox, settings.output_limit) {
         Ok(notes) => {
             for n in notes {
                 println!("  self-test          {n}");
             }
-            let missing = sandbox.layers.0.iter().filter(|l| l.status.is_err()).count();
+            let missing = sandbox
+                .layers
+                .0
+                .iter()
+                .filter(|l| l.status.is_err())
+                .count();
             if missing > 0 {
                 println!("{missing} layer(s) unavailable (not required by the config)");
             }
@@ -402,13 +507,18 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode, CliError> {
     if args.enable_network {
         job["enable_network"] = true.into();
     }
-    let wait_ms = args.wait_ms.unwrap_or(args.timeout_ms.unwrap_or(5_000) + 30_000);
+    let wait_ms = args
+        .wait_ms
+        .unwrap_or(args.timeout_ms.unwrap_or(5_000) + 30_000);
     let keys = crate::queue::Keys::new(&args.prefix);
     let client = redis::Client::open(args.redis.as_str())?;
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(5))?;
     // BLPOP waits longer than any default read timeout: none on this connection.
     conn.set_read_timeout(None)?;
-    redis::cmd("RPUSH").arg(keys.queue()).arg(job.to_string()).query::<i64>(&mut conn)?;
+    redis::cmd("RPUSH")
+        .arg(keys.queue())
+        .arg(job.to_string())
+        .query::<i64>(&mut conn)?;
     let reply: Option<(String, String)> = redis::cmd("BLPOP")
         .arg(keys.result(&id))
         .arg(wait_ms as f64 / 1000.0)
@@ -419,7 +529,11 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode, CliError> {
             let ok = serde_json::from_str::<serde_json::Value>(&result)
                 .map(|v| v["status"] == "ok")
                 .unwrap_or(false);
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         None => {
             eprintln!("sandq submit: no result for job {id} within {wait_ms} ms (is a worker running on prefix {:?}?)", args.prefix);
@@ -436,11 +550,16 @@ pub fn healthcheck(url: &str) -> ExitCode {
         eprintln!("healthcheck: only http:// URLs");
         return ExitCode::from(2);
     };
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let Ok(addr) = std::net::ToSocketAddrs::to_socket_addrs(host).map(|mut a| a.next()) else {
         return ExitCode::from(1);
     };
-    let Some(addr) = addr else { return ExitCode::from(1) };
+    let Some(addr) = addr else {
+        return ExitCode::from(1);
+    };
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
         return ExitCode::from(1);
     };

@@ -31,7 +31,11 @@ pub enum ConfigError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "sandq", version, about = "Runs untrusted Python and Node.js jobs from a Redis queue, locked down")]
+#[command(
+    name = "sandq",
+    version,
+    about = "Runs untrusted Python and Node.js jobs from a Redis queue, locked down"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -76,10 +80,18 @@ pub struct SandboxArgs {
     #[arg(long, env = "SANDQ_UID_RANGE")]
     pub uid_range: Option<String>,
     /// Allow a syscall on top of the defaults (repeatable).
-    #[arg(long = "allow-syscall", env = "SANDQ_ALLOW_SYSCALL", value_delimiter = ',')]
+    #[arg(
+        long = "allow-syscall",
+        env = "SANDQ_ALLOW_SYSCALL",
+        value_delimiter = ','
+    )]
     pub allow_syscall: Vec<String>,
     /// Fail at start-up unless this isolation layer is active (repeatable; `all`).
-    #[arg(long = "require-layer", env = "SANDQ_REQUIRE_LAYER", value_delimiter = ',')]
+    #[arg(
+        long = "require-layer",
+        env = "SANDQ_REQUIRE_LAYER",
+        value_delimiter = ','
+    )]
     pub require_layer: Vec<String>,
     /// Let jobs ask for network with `enable_network` [default: false]
     #[arg(long, env = "SANDQ_ALLOW_NETWORK", num_args = 0..=1, default_missing_value = "true")]
@@ -131,6 +143,12 @@ pub struct WorkerArgs {
     /// Deliveries before a job is dead-lettered [default: 3]
     #[arg(long, env = "SANDQ_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
+    /// How often the heartbeat is refreshed and the reaper runs [default: 2000]
+    #[arg(long, env = "SANDQ_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// A worker silent this long is dead and its jobs are requeued [default: 10000]
+    #[arg(long, env = "SANDQ_HEARTBEAT_TTL_MS")]
+    pub heartbeat_ttl_ms: Option<u64>,
     #[command(flatten)]
     pub sandbox: SandboxArgs,
 }
@@ -202,6 +220,8 @@ pub struct FileConfig {
     pub metrics_addr: Option<String>,
     pub shutdown_grace_ms: Option<u64>,
     pub max_attempts: Option<u32>,
+    pub heartbeat_ms: Option<u64>,
+    pub heartbeat_ttl_ms: Option<u64>,
     pub python: Option<PathBuf>,
     pub node: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
@@ -243,9 +263,16 @@ pub struct SandboxSettings {
 }
 
 fn parse_uid_range(s: &str) -> Result<(u32, u32), ConfigError> {
-    let bad = || ConfigError::Invalid(format!("uid_range {s:?}: expected FIRST-LAST, e.g. 10000-10999"));
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "uid_range {s:?}: expected FIRST-LAST, e.g. 10000-10999"
+        ))
+    };
     let (a, b) = s.split_once('-').ok_or_else(bad)?;
-    let (a, b): (u32, u32) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    let (a, b): (u32, u32) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
     if a == 0 || b < a {
         return Err(bad());
     }
@@ -350,6 +377,8 @@ pub struct WorkerConfig {
     pub metrics_addr: Option<String>,
     pub shutdown_grace_ms: u64,
     pub max_attempts: u32,
+    pub heartbeat_ms: u64,
+    pub heartbeat_ttl_ms: u64,
     pub settings: SandboxSettings,
 }
 
@@ -358,16 +387,21 @@ fn default_worker_id() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "host".into());
-    format!("{host}-{}-{:06x}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    )
 }
 
 impl WorkerArgs {
     pub fn resolve(&self) -> Result<WorkerConfig, ConfigError> {
         let file = FileConfig::load(self.sandbox.config.as_deref())?;
-        let concurrency = self
-            .concurrency
-            .or(file.concurrency)
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let concurrency = self.concurrency.or(file.concurrency).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        });
         if concurrency == 0 || concurrency > 1024 {
             return Err(ConfigError::Invalid("concurrency must be 1 to 1024".into()));
         }
@@ -377,7 +411,9 @@ impl WorkerArgs {
             .or(file.prefix.clone())
             .unwrap_or_else(|| "sandq".into());
         if prefix.is_empty() || prefix.contains(char::is_whitespace) {
-            return Err(ConfigError::Invalid(format!("prefix {prefix:?}: must be non-empty, without spaces")));
+            return Err(ConfigError::Invalid(format!(
+                "prefix {prefix:?}: must be non-empty, without spaces"
+            )));
         }
         let worker_id = self
             .worker_id
@@ -385,7 +421,9 @@ impl WorkerArgs {
             .or(file.worker_id.clone())
             .unwrap_or_else(default_worker_id);
         if worker_id.is_empty() || !worker_id.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(ConfigError::Invalid(format!("worker_id {worker_id:?}: printable ASCII without spaces")));
+            return Err(ConfigError::Invalid(format!(
+                "worker_id {worker_id:?}: printable ASCII without spaces"
+            )));
         }
         let metrics_addr = self
             .metrics_addr
@@ -393,6 +431,16 @@ impl WorkerArgs {
             .or(file.metrics_addr.clone())
             .unwrap_or_else(|| "127.0.0.1:9464".into());
         let metrics_addr = (metrics_addr != "off").then_some(metrics_addr);
+        let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(2_000);
+        let heartbeat_ttl_ms = self
+            .heartbeat_ttl_ms
+            .or(file.heartbeat_ttl_ms)
+            .unwrap_or(10_000);
+        if heartbeat_ms < 50 || heartbeat_ttl_ms < 2 * heartbeat_ms {
+            return Err(ConfigError::Invalid(format!(
+                "heartbeat_ttl_ms ({heartbeat_ttl_ms}) must be at least twice heartbeat_ms ({heartbeat_ms}), which must be at least 50"
+            )));
+        }
         Ok(WorkerConfig {
             redis_url: self
                 .redis
@@ -410,6 +458,8 @@ impl WorkerArgs {
                 .or(file.shutdown_grace_ms)
                 .unwrap_or(25_000),
             max_attempts: self.max_attempts.or(file.max_attempts).unwrap_or(3).max(1),
+            heartbeat_ms,
+            heartbeat_ttl_ms,
             settings: self.sandbox.resolve(&file, concurrency)?,
         })
     }
@@ -436,7 +486,8 @@ pub fn read_code(code: &Option<String>, file: &Option<PathBuf>) -> Result<String
 }
 
 pub fn parse_language(s: &str) -> Result<Language, ConfigError> {
-    Language::parse(s).ok_or_else(|| ConfigError::Invalid(format!("unknown language {s:?} (python3, nodejs)")))
+    Language::parse(s)
+        .ok_or_else(|| ConfigError::Invalid(format!("unknown language {s:?} (python3, nodejs)")))
 }
 
 #[cfg(test)]
@@ -446,16 +497,33 @@ mod tests {
     #[test]
     fn flag_beats_file_beats_default() {
         let file: FileConfig =
-            toml::from_str("prefix = \"fromfile\"\nconcurrency = 3\nallow_syscall = [\"uname\"]\n").unwrap();
-        let cli = Cli::parse_from(["sandq", "worker", "--prefix", "fromflag", "--allow-syscall", "sysinfo"]);
-        let Command::Worker(mut args) = cli.command else { panic!() };
+            toml::from_str("prefix = \"fromfile\"\nconcurrency = 3\nallow_syscall = [\"uname\"]\n")
+                .unwrap();
+        let cli = Cli::parse_from([
+            "sandq",
+            "worker",
+            "--prefix",
+            "fromflag",
+            "--allow-syscall",
+            "sysinfo",
+        ]);
+        let Command::Worker(mut args) = cli.command else {
+            panic!()
+        };
         let dir = std::env::temp_dir().join(format!("sandq-cfg-{}", std::process::id()));
-        std::fs::write(&dir, "prefix = \"fromfile\"\nconcurrency = 3\nallow_syscall = [\"uname\"]\n").unwrap();
+        std::fs::write(
+            &dir,
+            "prefix = \"fromfile\"\nconcurrency = 3\nallow_syscall = [\"uname\"]\n",
+        )
+        .unwrap();
         args.sandbox.config = Some(dir.clone());
         let cfg = args.resolve().unwrap();
         assert_eq!(cfg.prefix, "fromflag");
         assert_eq!(cfg.concurrency, 3);
-        assert_eq!(cfg.settings.sandbox.allow_syscalls, vec!["sysinfo", "uname"]);
+        assert_eq!(
+            cfg.settings.sandbox.allow_syscalls,
+            vec!["sysinfo", "uname"]
+        );
         assert_eq!(cfg.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(file.prefix.as_deref(), Some("fromfile"));
         let _ = std::fs::remove_file(dir);

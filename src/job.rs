@@ -129,6 +129,8 @@ pub struct Job {
     pub result_ttl_s: u64,
     /// Producer's enqueue time (epoch ms), for the queue-wait metric.
     pub enqueued_at_ms: Option<u64>,
+    /// Deadline (epoch ms): a job taken after it is not run.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// Why a payload cannot be run.
@@ -252,6 +254,7 @@ fn validate(
         return Err("field `result_ttl_s`: must be at least 1".into());
     }
     let enqueued_at_ms = optional_u64(obj, "enqueued_at_ms")?;
+    let expires_at_ms = optional_u64(obj, "expires_at_ms")?;
     Ok(Job {
         id,
         language,
@@ -266,6 +269,7 @@ fn validate(
         reply_to,
         result_ttl_s,
         enqueued_at_ms,
+        expires_at_ms,
     })
 }
 
@@ -287,9 +291,10 @@ fn optional_str(obj: &Map<String, Value>, field: &str) -> Result<Option<String>,
 fn optional_u64(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, String> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
-            format!("field `{field}`: expected a non-negative integer, got {n}")
-        }),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("field `{field}`: expected a non-negative integer, got {n}")),
         Some(other) => Err(format!(
             "field `{field}`: expected a non-negative integer, got {}",
             kind(other)
@@ -404,7 +409,11 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_ignored() {
-        assert!(parse(br#"{"language":"python3","code":"","shiny":[1]}"#, &limits()).is_ok());
+        assert!(parse(
+            br#"{"language":"python3","code":"","shiny":[1]}"#,
+            &limits()
+        )
+        .is_ok());
     }
 
     #[test]
@@ -412,12 +421,17 @@ mod tests {
         assert!(invalid(r#"{"language":"cobol","code":""}"#).contains("`language`"));
         assert!(invalid(r#"{"language":"python3"}"#).contains("`code` is required"));
         assert!(invalid(r#"{"language":"python3","code":1}"#).contains("`code`"));
-        assert!(invalid(r#"{"language":"python3","code":"","timeout_ms":"5"}"#)
-            .contains("`timeout_ms`"));
-        assert!(invalid(r#"{"language":"python3","code":"","timeout_ms":-1}"#)
-            .contains("`timeout_ms`"));
-        assert!(invalid(r#"{"language":"python3","code":"","enable_network":true}"#)
-            .contains("does not allow"));
+        assert!(
+            invalid(r#"{"language":"python3","code":"","timeout_ms":"5"}"#)
+                .contains("`timeout_ms`")
+        );
+        assert!(
+            invalid(r#"{"language":"python3","code":"","timeout_ms":-1}"#).contains("`timeout_ms`")
+        );
+        assert!(
+            invalid(r#"{"language":"python3","code":"","enable_network":true}"#)
+                .contains("does not allow")
+        );
         let big = format!(
             r#"{{"language":"python3","code":"{}"}}"#,
             "x".repeat(MAX_CODE_BYTES + 1)
@@ -438,9 +452,18 @@ mod tests {
 
     #[test]
     fn unreadable_payloads() {
-        for raw in ["not json", "[1,2]", "\"s\"", r#"{"id":5}"#, r#"{"id":"a b"}"#] {
+        for raw in [
+            "not json",
+            "[1,2]",
+            "\"s\"",
+            r#"{"id":5}"#,
+            r#"{"id":"a b"}"#,
+        ] {
             assert!(
-                matches!(parse(raw.as_bytes(), &limits()), Err(JobError::Unreadable(_))),
+                matches!(
+                    parse(raw.as_bytes(), &limits()),
+                    Err(JobError::Unreadable(_))
+                ),
                 "{raw}"
             );
         }

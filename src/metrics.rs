@@ -20,8 +20,17 @@ const TIME_BUCKETS: &[f64] = &[
 ];
 /// 4 MiB to 4 GiB.
 const RSS_BUCKETS: &[f64] = &[
-    4194304.0, 8388608.0, 16777216.0, 33554432.0, 67108864.0, 134217728.0, 268435456.0,
-    536870912.0, 1073741824.0, 2147483648.0, 4294967296.0,
+    4194304.0,
+    8388608.0,
+    16777216.0,
+    33554432.0,
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    536870912.0,
+    1073741824.0,
+    2147483648.0,
+    4294967296.0,
 ];
 
 pub struct Metrics {
@@ -49,12 +58,16 @@ pub struct Metrics {
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
     // Names are fixed and unique, so registration cannot collide.
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    reg(r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
@@ -79,7 +92,10 @@ impl Metrics {
         let build = reg(
             &r,
             IntGaugeVec::new(
-                Opts::new("sandq_build_info", "Always 1; the version label says which build."),
+                Opts::new(
+                    "sandq_build_info",
+                    "Always 1; the version label says which build.",
+                ),
                 &["version"],
             )
             .expect("valid metric"),
@@ -128,23 +144,44 @@ impl Metrics {
     }
 
     pub fn job_finished(&self, language: &str, status: Status) {
-        self.jobs.with_label_values(&[language, status.as_str()]).inc();
+        self.jobs
+            .with_label_values(&[language, status.as_str()])
+            .inc();
     }
 
-    pub fn job_ran(&self, language: Language, run: Duration, spawn: Duration, cpu_ms: u64, rss_kb: u64) {
+    pub fn job_ran(
+        &self,
+        language: Language,
+        run: Duration,
+        spawn: Duration,
+        cpu_ms: u64,
+        rss_kb: u64,
+    ) {
         let l = [language.as_str()];
-        self.job_duration.with_label_values(&l).observe(run.as_secs_f64());
-        self.spawn_duration.with_label_values(&l).observe(spawn.as_secs_f64());
-        self.job_cpu.with_label_values(&l).observe(cpu_ms as f64 / 1e3);
-        self.job_rss.with_label_values(&l).observe(rss_kb as f64 * 1024.0);
+        self.job_duration
+            .with_label_values(&l)
+            .observe(run.as_secs_f64());
+        self.spawn_duration
+            .with_label_values(&l)
+            .observe(spawn.as_secs_f64());
+        self.job_cpu
+            .with_label_values(&l)
+            .observe(cpu_ms as f64 / 1e3);
+        self.job_rss
+            .with_label_values(&l)
+            .observe(rss_kb as f64 * 1024.0);
     }
 
     pub fn queue_waited(&self, language: Language, wait: Duration) {
-        self.queue_wait.with_label_values(&[language.as_str()]).observe(wait.as_secs_f64());
+        self.queue_wait
+            .with_label_values(&[language.as_str()])
+            .observe(wait.as_secs_f64());
     }
 
     pub fn violation(&self, language: Language, syscall: &str) {
-        self.violations.with_label_values(&[language.as_str(), syscall]).inc();
+        self.violations
+            .with_label_values(&[language.as_str(), syscall])
+            .inc();
     }
 
     pub fn truncated(&self, stream: &'static str) {
@@ -164,13 +201,21 @@ impl Metrics {
     }
 
     pub fn queue_depths(&self, queue: u64, dead: u64, processing: u64) {
-        self.queue_depth.with_label_values(&["queue"]).set(queue as i64);
-        self.queue_depth.with_label_values(&["dead"]).set(dead as i64);
-        self.queue_depth.with_label_values(&["processing"]).set(processing as i64);
+        self.queue_depth
+            .with_label_values(&["queue"])
+            .set(queue as i64);
+        self.queue_depth
+            .with_label_values(&["dead"])
+            .set(dead as i64);
+        self.queue_depth
+            .with_label_values(&["processing"])
+            .set(processing as i64);
     }
 
     pub fn layer(&self, layer: &str, active: bool) {
-        self.layer_active.with_label_values(&[layer]).set(active as i64);
+        self.layer_active
+            .with_label_values(&[layer])
+            .set(active as i64);
     }
 
     pub fn pool(&self, language: Language, hit: bool) {
@@ -183,7 +228,9 @@ impl Metrics {
     }
 
     pub fn pool_size(&self, language: Language, size: usize) {
-        self.pool_size.with_label_values(&[language.as_str()]).set(size as i64);
+        self.pool_size
+            .with_label_values(&[language.as_str()])
+            .set(size as i64);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -275,7 +322,10 @@ pub async fn serve(
                     match r.check() {
                         Ok(()) => {
                             m.set_ready(true);
-                            (StatusCode::OK, axum::Json(serde_json::json!({"ready": true})))
+                            (
+                                StatusCode::OK,
+                                axum::Json(serde_json::json!({"ready": true})),
+                            )
                         }
                         Err(reasons) => {
                             m.set_ready(false);

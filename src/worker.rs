@@ -44,9 +44,64 @@ struct Shared {
     readiness: Arc<Readiness>,
     /// Read end of the kill switch: closing the write end stops every running job.
     kill_switch: OwnedFd,
-    /// Raw payloads of jobs the drain killed: their tasks hand them back
-    /// instead of reporting a result.
-    shutdown_killed: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Raw payloads this worker has taken and not finished with, and the job id
+/// once known (a multiset: producers may push identical payloads).
+#[derive(Default)]
+struct InFlight(Mutex<Vec<(Vec<u8>, Option<String>)>>);
+
+impl InFlight {
+    fn add(&self, raw: &[u8]) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((raw.to_vec(), None));
+        }
+    }
+    fn set_id(&self, raw: &[u8], id: &str) {
+        if let Ok(mut v) = self.0.lock() {
+            if let Some(e) = v.iter_mut().find(|(r, i)| r == raw && i.is_none()) {
+                e.1 = Some(id.to_owned());
+            }
+        }
+    }
+    fn remove(&self, raw: &[u8]) {
+        if let Ok(mut v) = self.0.lock() {
+            if let Some(i) = v.iter().position(|(r, _)| r == raw) {
+                v.swap_remove(i);
+            }
+        }
+    }
+    fn len(&self) -> usize {
+        self.0.lock().map(|v| v.len()).unwrap_or(0)
+    }
+    fn take(&self) -> Vec<(Vec<u8>, Option<String>)> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+    /// Payloads in `listed` that no task of ours holds.
+    fn orphans(&self, mut listed: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        if let Ok(v) = self.0.lock() {
+            for (raw, _) in v.iter() {
+                if let Some(i) = listed.iter().position(|r| r == raw) {
+                    listed.swap_remove(i);
+                }
+            }
+        }
+        listed
+    }
+}
+
+/// Hand back jobs in our processing list that no task of ours is running.
+async fn recover_orphans(shared: &Shared, in_flight: &InFlight) -> Result<(), QueueError> {
+    let listed = shared.queue.processing_list().await?;
+    for raw in in_flight.orphans(listed) {
+        if shared.queue.requeue(&raw, None).await? {
+            warn!("handed back a job taken during a lost connection");
+        }
+    }
+    Ok(())
 }
 
 /// Capped exponential backoff.
@@ -84,17 +139,34 @@ pub async fn run(
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         kill_switch: kill_r,
-        shutdown_killed: Mutex::default(),
     });
     metrics.slots.set(cfg.concurrency as i64);
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
     let tracker = TaskTracker::new();
-    let in_flight: Arc<Mutex<Vec<(Vec<u8>, Option<String>)>>> = Arc::default();
+    let in_flight = Arc::new(InFlight::default());
 
-    tracker.spawn(depth_reporter(shared.clone(), shutdown.clone()));
+    // Heartbeat and gauges go on through the drain, until deregistration:
+    // a worker that stopped beating while it finishes jobs would be reaped.
+    let background = CancellationToken::new();
+    let beat = tokio::spawn(heartbeat(shared.clone(), background.clone()));
+    let depths = tokio::spawn(depth_reporter(shared.clone(), background.clone()));
 
-    let mut conn = None;
+    // Register before taking anything, so a crash after the first fetch
+    // always leaves a heartbeat for the reaper to notice expiring.
     let mut backoff = Backoff::new();
+    let ttl = Duration::from_millis(cfg.heartbeat_ttl_ms);
+    while let Err(e) = queue.heartbeat(ttl, "{}").await {
+        redis_down(&shared, &e);
+        sleep_or_cancel(backoff.next(), &shutdown).await;
+        if shutdown.is_cancelled() {
+            background.cancel();
+            return Ok(());
+        }
+    }
+    let mut conn = None;
+    // After a lost connection, a BLMOVE may have moved a job whose reply we
+    // never read: look for such orphans in our own processing list.
+    let mut reconcile = true;
     info!(
         worker = %cfg.worker_id,
         queue = %queue.keys.queue(),
@@ -116,6 +188,16 @@ pub async fn run(
                 }
             }
         }
+        if reconcile {
+            match recover_orphans(&shared, &in_flight).await {
+                Ok(()) => reconcile = false,
+                Err(e) => {
+                    redis_down(&shared, &e);
+                    sleep_or_cancel(backoff.next(), &shutdown).await;
+                    continue;
+                }
+            }
+        }
         let Some(c) = conn.as_mut() else { continue };
         // Not raced against shutdown: dropping a BLMOVE in flight could leave
         // a job moved but unseen. It returns within FETCH_BLOCK anyway.
@@ -123,6 +205,7 @@ pub async fn run(
             Ok(Some(raw)) => {
                 backoff.reset();
                 redis_up(&shared);
+                in_flight.add(&raw);
                 let shared = shared.clone();
                 let in_flight = in_flight.clone();
                 tracker.spawn(async move {
@@ -137,6 +220,7 @@ pub async fn run(
             Err(e) => {
                 redis_down(&shared, &e);
                 conn = None;
+                reconcile = true;
                 sleep_or_cancel(backoff.next(), &shutdown).await;
             }
         }
@@ -146,26 +230,42 @@ pub async fn run(
     tracker.close();
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
     let running = cfg.concurrency - slots.available_permits();
-    info!(running, grace_ms = cfg.shutdown_grace_ms, "shutting down: no new jobs");
+    info!(
+        running,
+        grace_ms = cfg.shutdown_grace_ms,
+        "shutting down: no new jobs"
+    );
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        let left = in_flight.lock().map(|v| v.clone()).unwrap_or_default();
-        warn!(jobs = left.len(), "grace period over: stopping the jobs still running and handing them back");
-        // Mark them first so their tasks do not deliver a result, then kill.
-        if let Ok(mut killed) = shared.shutdown_killed.lock() {
-            killed.extend(left.iter().map(|(raw, _)| raw.clone()));
-        }
+        warn!(
+            jobs = in_flight.len(),
+            "grace period over: stopping the jobs still running and handing them back"
+        );
+        // Closing the kill switch stops every running job; their tasks see
+        // `cancelled`, deliver nothing and leave their entry in `in_flight`.
         drop(kill_w);
         tracker.wait().await;
         let mut n = 0;
-        for (raw, id) in left {
+        for (raw, id) in in_flight.take() {
             match queue.requeue(&raw, id.as_deref()).await {
                 Ok(true) => n += 1,
                 Ok(false) => {}
-                Err(e) => error!(error = %e, "could not hand a job back; the reaper will recover it"),
+                Err(e) => {
+                    error!(error = %e, "could not hand a job back; the reaper will recover it")
+                }
             }
         }
         metrics.requeued("shutdown", n);
         info!(requeued = n, "jobs handed back to the queue");
+    }
+    background.cancel();
+    let _ = tokio::join!(beat, depths);
+    match queue.deregister().await {
+        Ok(0) => info!("deregistered"),
+        Ok(n) => info!(
+            requeued = n,
+            "deregistered; handed back jobs left in the processing list"
+        ),
+        Err(e) => warn!(error = %e, "could not deregister; the reaper will clean up"),
     }
     Ok(())
 }
@@ -196,6 +296,44 @@ async fn sleep_or_cancel(d: Duration, token: &CancellationToken) {
     }
 }
 
+/// Beat, then reap: every worker runs the (atomic, idempotent) reaper, so no
+/// leader is needed. The first beat is sent before the first fetch can be
+/// acknowledged, so a worker is never reaped for want of one.
+async fn heartbeat(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let every = Duration::from_millis(shared.cfg.heartbeat_ms);
+    let ttl = Duration::from_millis(shared.cfg.heartbeat_ttl_ms);
+    let info = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "concurrency": shared.cfg.concurrency,
+        "pid": std::process::id(),
+    })
+    .to_string();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Err(e) = shared.queue.heartbeat(ttl, &info).await {
+            redis_down(&shared, &e);
+            continue;
+        }
+        match shared.queue.reap(ttl).await {
+            Ok((0, _)) => {}
+            Ok((moved, reaped)) => {
+                warn!(
+                    jobs = moved,
+                    workers = reaped,
+                    "reaped the jobs of dead workers back onto the queue"
+                );
+                shared.metrics.requeued("reaped", moved);
+            }
+            Err(e) => redis_down(&shared, &e),
+        }
+    }
+}
+
 /// Refresh the queue-depth gauges and check Redis every few seconds.
 async fn depth_reporter(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -220,7 +358,11 @@ async fn deliver(shared: &Shared, raw: &[u8], result: &JobResult, reply_key: &st
     let json = result.to_json();
     let mut backoff = Backoff::new();
     loop {
-        match shared.queue.complete(raw, &result.id, reply_key, &json, ttl_s).await {
+        match shared
+            .queue
+            .complete(raw, &result.id, reply_key, &json, ttl_s)
+            .await
+        {
             Ok(first) => {
                 redis_up(shared);
                 if !first {
@@ -236,29 +378,54 @@ async fn deliver(shared: &Shared, raw: &[u8], result: &JobResult, reply_key: &st
     }
 }
 
-async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<Mutex<Vec<(Vec<u8>, Option<String>)>>>) {
+async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<InFlight>) {
+    if handle_job(&shared, &raw, &in_flight).await == Done::Finished {
+        in_flight.remove(&raw);
+    }
+}
+
+#[derive(PartialEq)]
+enum Done {
+    /// The payload left the processing list (result, rejection, dead letter).
+    Finished,
+    /// Stopped by the drain; the entry stays in `InFlight` to be handed back.
+    Stopped,
+}
+
+async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> Done {
     let cfg = shared.cfg.clone();
-    let job = match job::parse(&raw, &cfg.settings.limits) {
+    let job = match job::parse(raw, &cfg.settings.limits) {
         Ok(job) => job,
         Err(JobError::Unreadable(reason)) => {
             warn!(%reason, bytes = raw.len(), "payload is not a job: dead-lettered");
             let mut backoff = Backoff::new();
-            while let Err(e) = shared.queue.dead_letter(&raw, &reason, None).await {
-                redis_down(&shared, &e);
+            while let Err(e) = shared.queue.dead_letter(raw, &reason, None).await {
+                redis_down(shared, &e);
                 tokio::time::sleep(backoff.next()).await;
             }
             shared.metrics.dead_letter("unreadable");
-            return;
+            return Done::Finished;
         }
-        Err(JobError::Invalid { id, reply_to, message }) => {
+        Err(JobError::Invalid {
+            id,
+            reply_to,
+            message,
+        }) => {
             let reply_key = reply_to
                 .filter(|k| shared.queue.keys.reply_key_allowed(k))
                 .unwrap_or_else(|| shared.queue.keys.result(&id));
             info!(job_id = %id, error = %message, "job rejected");
             let result = JobResult::not_run(&id, Status::Rejected, message, &cfg.worker_id);
-            deliver(&shared, &raw, &result, &reply_key, cfg.settings.limits.default_result_ttl_s).await;
+            deliver(
+                shared,
+                raw,
+                &result,
+                &reply_key,
+                cfg.settings.limits.default_result_ttl_s,
+            )
+            .await;
             shared.metrics.job_finished("unknown", Status::Rejected);
-            return;
+            return Done::Finished;
         }
     };
     let span = info_span!("job", job_id = %job.id, language = %job.language);
@@ -273,14 +440,26 @@ async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<Mutex<Vec<(Vec
                     &cfg.worker_id,
                 );
                 let fallback = shared.queue.keys.result(&job.id);
-                deliver(&shared, &raw, &result, &fallback, job.result_ttl_s).await;
+                deliver(shared, raw, &result, &fallback, job.result_ttl_s).await;
                 shared.metrics.job_finished(job.language.as_str(), Status::Rejected);
-                return;
+                return Done::Finished;
             }
             Some(k) => k.clone(),
             None => shared.queue.keys.result(&job.id),
         };
-        let attempt = begin(&shared, &job).await;
+        if job.expires_at_ms.is_some_and(|at| now_ms() > at) {
+            let result = JobResult::not_run(
+                &job.id,
+                Status::Rejected,
+                "expired before it started".into(),
+                &cfg.worker_id,
+            );
+            info!("expired before it started");
+            deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
+            shared.metrics.job_finished(job.language.as_str(), Status::Rejected);
+            return Done::Finished;
+        }
+        let attempt = begin(shared, &job).await;
         if attempt > cfg.max_attempts {
             let reason = format!(
                 "delivered {attempt} times, more than max_attempts {}: the job keeps killing its worker",
@@ -288,16 +467,16 @@ async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<Mutex<Vec<(Vec
             );
             warn!(attempt, "poison job: dead-lettered");
             let mut backoff = Backoff::new();
-            while let Err(e) = shared.queue.dead_letter(&raw, &reason, Some(&job.id)).await {
-                redis_down(&shared, &e);
+            while let Err(e) = shared.queue.dead_letter(raw, &reason, Some(&job.id)).await {
+                redis_down(shared, &e);
                 tokio::time::sleep(backoff.next()).await;
             }
             shared.metrics.dead_letter("max_attempts");
             let mut result = JobResult::not_run(&job.id, Status::InternalError, reason, &cfg.worker_id);
             result.attempt = attempt;
-            deliver(&shared, &raw, &result, &reply_key, job.result_ttl_s).await;
+            deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
             shared.metrics.job_finished(job.language.as_str(), Status::InternalError);
-            return;
+            return Done::Finished;
         }
         if let Some(at) = job.enqueued_at_ms {
             shared
@@ -305,30 +484,18 @@ async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<Mutex<Vec<(Vec
                 .queue_waited(job.language, Duration::from_millis(now_ms().saturating_sub(at)));
         }
 
-        if let Ok(mut v) = in_flight.lock() {
-            v.push((raw.clone(), Some(job.id.clone())));
-        }
+        in_flight.set_id(raw, &job.id);
         shared.metrics.in_flight.inc();
         let started = Instant::now();
-        let outcome = run_blocking(&shared, job.clone()).await;
+        let outcome = run_blocking(shared, job.clone()).await;
         shared.metrics.in_flight.dec();
-        if let Ok(mut v) = in_flight.lock() {
-            if let Some(i) = v.iter().position(|(r, _)| *r == raw) {
-                v.swap_remove(i);
-            }
-        }
-        let killed = shared
-            .shutdown_killed
-            .lock()
-            .map(|k| k.contains(&raw))
-            .unwrap_or(false);
-        if killed {
-            // The drain hands it back to the queue; no result for this delivery.
-            return;
+        if outcome.as_ref().is_ok_and(|o| o.cancelled) {
+            // Stopped by the drain, which hands it back to the queue.
+            return Done::Stopped;
         }
         let result = match outcome {
             Ok(o) => {
-                record(&shared, &job, &o);
+                record(shared, &job, &o);
                 to_result(&job, o, &cfg.worker_id, attempt)
             }
             Err(e) => {
@@ -353,7 +520,8 @@ async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<Mutex<Vec<(Vec
             stderr_bytes = result.stderr.len(),
             "job finished"
         );
-        deliver(&shared, &raw, &result, &reply_key, job.result_ttl_s).await;
+        deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
+        Done::Finished
     }
     .instrument(span)
     .await
@@ -382,9 +550,11 @@ async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String>
             learn: false,
             cancel: Some(s.kill_switch.as_raw_fd()),
         };
-        Runner { sandbox: &s.sandbox }
-            .run(&job, &opts)
-            .map_err(|e| e.to_string())
+        Runner {
+            sandbox: &s.sandbox,
+        }
+        .run(&job, &opts)
+        .map_err(|e| e.to_string())
     })
     .await
     .unwrap_or_else(|e| Err(format!("the run thread failed: {e}")))
@@ -392,7 +562,13 @@ async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String>
 
 fn record(shared: &Shared, job: &Job, o: &Outcome) {
     let m = &shared.metrics;
-    m.job_ran(job.language, o.duration, o.spawn_duration, o.usage.cpu_ms, o.usage.max_rss_kb);
+    m.job_ran(
+        job.language,
+        o.duration,
+        o.spawn_duration,
+        o.usage.cpu_ms,
+        o.usage.max_rss_kb,
+    );
     if let Some(v) = &o.violation {
         m.violation(job.language, &v.syscall);
     }

@@ -20,18 +20,30 @@ fn hello_stdin_unicode_big_output_and_streams() {
     assert_eq!(r["worker"], w.id.as_str());
     assert!(r["error"].is_null());
 
-    let r = run_job(&mut c, &p, json!({"code": "import sys; print(sys.stdin.read().upper(), end='')", "stdin": "echo me\n"}));
+    let r = run_job(
+        &mut c,
+        &p,
+        json!({"code": "import sys; print(sys.stdin.read().upper(), end='')", "stdin": "echo me\n"}),
+    );
     assert_eq!(r["stdout"], "ECHO ME\n");
 
     let r = py(&mut c, &p, "print('héllo wörld ✓ 你好 🎉')");
     assert_eq!(r["stdout"], "héllo wörld ✓ 你好 🎉\n");
 
-    let r = py(&mut c, &p, "import sys\nsys.stdout.write('0123456789' * 20000)");
+    let r = py(
+        &mut c,
+        &p,
+        "import sys\nsys.stdout.write('0123456789' * 20000)",
+    );
     assert_status(&r, "ok");
     assert_eq!(r["stdout"].as_str().unwrap().len(), 200_000);
     assert_eq!(r["stdout_truncated"], false);
 
-    let r = py(&mut c, &p, "import sys\nprint('to out')\nprint('to err', file=sys.stderr)");
+    let r = py(
+        &mut c,
+        &p,
+        "import sys\nprint('to out')\nprint('to err', file=sys.stderr)",
+    );
     assert_eq!(r["stdout"], "to out\n");
     assert_eq!(r["stderr"], "to err\n");
 }
@@ -47,7 +59,10 @@ fn errors_and_exit_codes() {
     let stderr = r["stderr"].as_str().unwrap();
     assert!(stderr.contains("Traceback"), "{stderr}");
     assert!(stderr.contains("ValueError: bad"), "{stderr}");
-    assert!(stderr.contains("raise ValueError('bad')"), "the user's source line is shown: {stderr}");
+    assert!(
+        stderr.contains("raise ValueError('bad')"),
+        "the user's source line is shown: {stderr}"
+    );
     assert!(!stderr.contains(".sandq-"), "no prescript frames: {stderr}");
     assert_eq!(r["exit_code"], 1);
     assert!(r["error"].as_str().unwrap().contains("code 1"));
@@ -63,7 +78,11 @@ fn timeout_is_enforced_quickly() {
     let p = prefix("timeout");
     let _w = Worker::start(&p, &["--concurrency", "2"]);
     let started = Instant::now();
-    let r = run_job(&mut c, &p, json!({"code": "while True: pass", "timeout_ms": 1000}));
+    let r = run_job(
+        &mut c,
+        &p,
+        json!({"code": "while True: pass", "timeout_ms": 1000}),
+    );
     let took = started.elapsed();
     assert_status(&r, "timeout");
     assert_eq!(r["signal"], "SIGKILL");
@@ -95,7 +114,11 @@ fn network_fork_exec_subprocess_are_stopped() {
     }
     // And nothing ran: no output from `id`.
     let r = py(&mut c, &p, "import os\ntry:\n    os.posix_spawn('/usr/bin/id', ['id'], {})\nexcept OSError as e:\n    print('refused', e)");
-    assert!(r["stdout"].as_str().unwrap().is_empty() || r["stdout"].as_str().unwrap().starts_with("refused"), "{r}");
+    assert!(
+        r["stdout"].as_str().unwrap().is_empty()
+            || r["stdout"].as_str().unwrap().starts_with("refused"),
+        "{r}"
+    );
     assert_ne!(r["status"], "ok");
 }
 
@@ -105,13 +128,31 @@ fn identity_environment_and_filesystem() {
     let p = prefix("ident");
     let _w = Worker::start(&p, &["--concurrency", "2"]);
 
-    let r = py(&mut c, &p, "import os\nprint(os.getuid(), os.getgid(), os.geteuid())");
+    let r = py(
+        &mut c,
+        &p,
+        "import os\nprint(os.getuid(), os.getgid(), os.geteuid())",
+    );
     assert_status(&r, "ok");
-    let ids: Vec<u32> = r["stdout"].as_str().unwrap().split_whitespace().map(|s| s.parse().unwrap()).collect();
-    assert!(ids.iter().all(|&u| u != 0 && u != unsafe { libc::getuid() }), "{ids:?}");
+    let ids: Vec<u32> = r["stdout"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert!(
+        ids.iter()
+            .all(|&u| u != 0 && u != unsafe { libc::getuid() }),
+        "{ids:?}"
+    );
 
-    let r = py(&mut c, &p, "import os, json\nprint(json.dumps(dict(os.environ)))");
-    let env: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r["stdout"].as_str().unwrap()).unwrap();
+    let r = py(
+        &mut c,
+        &p,
+        "import os, json\nprint(json.dumps(dict(os.environ)))",
+    );
+    let env: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(r["stdout"].as_str().unwrap()).unwrap();
     for (k, _) in std::env::vars() {
         if !["LANG", "HOME", "PATH", "TMPDIR"].contains(&k.as_str()) {
             assert!(!env.contains_key(&k), "worker variable {k} leaked");
@@ -125,7 +166,13 @@ fn identity_environment_and_filesystem() {
 
     let r = py(&mut c, &p, "open('/usr/lib/evil', 'w').write('x')");
     assert_status(&r, "error");
-    assert!(r["stderr"].as_str().unwrap().contains("Read-only file system"), "{r}");
+    assert!(
+        r["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("Read-only file system"),
+        "{r}"
+    );
 
     // The scratch dir is writable and private.
     let r = py(&mut c, &p, "import os\nopen('f.txt','w').write('hi')\nprint(open('f.txt').read(), oct(os.stat('.').st_mode & 0o777))");
@@ -138,7 +185,11 @@ fn output_flood_is_capped_and_worker_survives() {
     let Some(mut c) = redis() else { return };
     let p = prefix("flood");
     let _w = Worker::start(&p, &["--concurrency", "2"]);
-    let r = py(&mut c, &p, "import sys\nchunk = 'x' * 1024 * 1024\nfor _ in range(20):\n    sys.stdout.write(chunk)");
+    let r = py(
+        &mut c,
+        &p,
+        "import sys\nchunk = 'x' * 1024 * 1024\nfor _ in range(20):\n    sys.stdout.write(chunk)",
+    );
     assert_status(&r, "output_limit");
     assert_eq!(r["stdout_truncated"], true);
     assert!(r["stdout"].as_str().unwrap().len() <= 1024 * 1024);
@@ -155,12 +206,30 @@ fn bad_payloads_are_dead_lettered_or_rejected() {
     push_raw(&mut c, &p, "this is not json");
     push_raw(&mut c, &p, "[1, 2, 3]");
     let cases = [
-        (json!({"id": "r1", "language": "cobol", "code": "x"}), "`language`"),
-        (json!({"id": "r2", "language": "python3"}), "`code` is required"),
-        (json!({"id": "r3", "language": "python3", "code": "x".repeat(1024 * 1024 + 1)}), "more than the limit"),
-        (json!({"id": "r4", "language": "python3", "code": "print(1)", "timeout_ms": "soon"}), "`timeout_ms`"),
-        (json!({"id": "r5", "language": "python3", "code": "print(1)", "enable_network": true}), "does not allow"),
-        (json!({"id": "r6", "language": "python3", "code": "print(1)", "reply_to": format!("{p}:queue")}), "`reply_to`"),
+        (
+            json!({"id": "r1", "language": "cobol", "code": "x"}),
+            "`language`",
+        ),
+        (
+            json!({"id": "r2", "language": "python3"}),
+            "`code` is required",
+        ),
+        (
+            json!({"id": "r3", "language": "python3", "code": "x".repeat(1024 * 1024 + 1)}),
+            "more than the limit",
+        ),
+        (
+            json!({"id": "r4", "language": "python3", "code": "print(1)", "timeout_ms": "soon"}),
+            "`timeout_ms`",
+        ),
+        (
+            json!({"id": "r5", "language": "python3", "code": "print(1)", "enable_network": true}),
+            "does not allow",
+        ),
+        (
+            json!({"id": "r6", "language": "python3", "code": "print(1)", "reply_to": format!("{p}:queue")}),
+            "`reply_to`",
+        ),
     ];
     for (job, _) in &cases {
         push(&mut c, &p, job);
@@ -169,18 +238,41 @@ fn bad_payloads_are_dead_lettered_or_rejected() {
         let id = job["id"].as_str().unwrap();
         let r = result(&mut c, &p, id, Duration::from_secs(10));
         assert_status(&r, "rejected");
-        assert!(r["error"].as_str().unwrap().contains(needle), "{id}: {}", r["error"]);
+        assert!(
+            r["error"].as_str().unwrap().contains(needle),
+            "{id}: {}",
+            r["error"]
+        );
     }
     // Dead letters carry the reason and the payload.
     let deadline = Instant::now() + Duration::from_secs(5);
     while llen(&mut c, &format!("{p}:dead")) < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let dead: Vec<String> = redis::cmd("LRANGE").arg(format!("{p}:dead")).arg(0).arg(-1).query(&mut c).unwrap();
+    let dead: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{p}:dead"))
+        .arg(0)
+        .arg(-1)
+        .query(&mut c)
+        .unwrap();
     assert_eq!(dead.len(), 2, "{dead:?}");
-    let first: serde_json::Value = serde_json::from_str(&dead[0]).unwrap();
-    assert_eq!(first["payload"], "this is not json");
-    assert!(first["reason"].as_str().unwrap().contains("not valid JSON"));
+    let entries: Vec<serde_json::Value> = dead
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text = entries
+        .iter()
+        .find(|e| e["payload"] == "this is not json")
+        .expect("the text payload");
+    assert!(text["reason"].as_str().unwrap().contains("not valid JSON"));
+    let array = entries
+        .iter()
+        .find(|e| e["payload"] == "[1, 2, 3]")
+        .expect("the array payload");
+    assert!(
+        array["reason"].as_str().unwrap().contains("an array"),
+        "{array}"
+    );
     // And the worker still serves.
     assert_status(&py(&mut c, &p, "print('still here')"), "ok");
     assert_eq!(processing_total(&mut c, &p), 0);
@@ -195,7 +287,10 @@ fn two_hundred_jobs_each_answered_once() {
     let mut pipe = redis::pipe();
     for (i, id) in ids.iter().enumerate() {
         let job = json!({"id": id, "language": "python3", "code": format!("print({i} * 2)")});
-        pipe.cmd("RPUSH").arg(format!("{p}:queue")).arg(job.to_string()).ignore();
+        pipe.cmd("RPUSH")
+            .arg(format!("{p}:queue"))
+            .arg(job.to_string())
+            .ignore();
     }
     let _: () = pipe.query(&mut c).unwrap();
     for (i, id) in ids.iter().enumerate() {
@@ -218,16 +313,34 @@ fn run_without_redis() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = std::process::Command::new(BIN)
-        .args(["run", "--language", "python3", "--code", "import sys; sys.exit(7)"])
+        .args([
+            "run",
+            "--language",
+            "python3",
+            "--code",
+            "import sys; sys.exit(7)",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
 
     let out = std::process::Command::new(BIN)
-        .args(["run", "--language", "python3", "--json", "--code", "print(2)"])
+        .args([
+            "run",
+            "--language",
+            "python3",
+            "--json",
+            "--code",
+            "print(2)",
+        ])
         .output()
         .unwrap();
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -241,10 +354,25 @@ fn submit_pushes_and_waits() {
     let p = prefix("submit");
     let _w = Worker::start(&p, &["--concurrency", "1"]);
     let out = std::process::Command::new(BIN)
-        .args(["submit", "--redis", &redis_url(), "--prefix", &p, "--language", "python3", "--code", "print(40+2)"])
+        .args([
+            "submit",
+            "--redis",
+            &redis_url(),
+            "--prefix",
+            &p,
+            "--language",
+            "python3",
+            "--code",
+            "print(40+2)",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["stdout"], "42\n");
 }

@@ -68,6 +68,8 @@ pub struct Queue {
     complete: Script,
     dead_letter: Script,
     requeue: Script,
+    reap: Script,
+    deregister: Script,
 }
 
 impl Queue {
@@ -87,6 +89,8 @@ impl Queue {
             complete: Script::new(include_str!("complete.lua")),
             dead_letter: Script::new(include_str!("dead_letter.lua")),
             requeue: Script::new(include_str!("requeue.lua")),
+            reap: Script::new(include_str!("reap.lua")),
+            deregister: Script::new(include_str!("deregister.lua")),
         })
     }
 
@@ -165,7 +169,12 @@ impl Queue {
     }
 
     /// Move a payload that is not a runnable job to the dead-letter list.
-    pub async fn dead_letter(&self, raw: &[u8], reason: &str, id: Option<&str>) -> Result<(), QueueError> {
+    pub async fn dead_letter(
+        &self,
+        raw: &[u8],
+        reason: &str,
+        id: Option<&str>,
+    ) -> Result<(), QueueError> {
         let entry = serde_json::json!({
             "reason": reason,
             "payload": String::from_utf8_lossy(raw),
@@ -200,6 +209,69 @@ impl Queue {
             .await
             .map_err(redis_err("requeue"))?;
         Ok(moved == 1)
+    }
+
+    /// Refresh this worker's heartbeat key (with `ttl`) and its score in the
+    /// registry, in one round trip.
+    pub async fn heartbeat(&self, ttl: Duration, info: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn("heartbeat").await?;
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.keys.worker(&self.worker_id))
+            .arg(info)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.keys.workers())
+            .arg(now_ms())
+            .arg(&self.worker_id)
+            .ignore()
+            .query_async::<()>(&mut *conn)
+            .await
+            .map_err(redis_err("heartbeat"))
+    }
+
+    /// Move the jobs of workers whose heartbeat expired back to the queue.
+    /// Returns (jobs moved, workers reaped).
+    pub async fn reap(&self, stale_after: Duration) -> Result<(u64, u64), QueueError> {
+        let mut conn = self.conn("reap").await?;
+        self.reap
+            .key(self.keys.workers())
+            .key(self.keys.queue())
+            .arg(self.keys.prefix())
+            .arg(now_ms())
+            .arg(stale_after.as_millis() as u64)
+            .invoke_async(&mut *conn)
+            .await
+            .map_err(redis_err("reap"))
+    }
+
+    /// Leave cleanly: hand back what is left, drop heartbeat and registration.
+    pub async fn deregister(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn("deregister").await?;
+        self.deregister
+            .key(self.keys.processing(&self.worker_id))
+            .key(self.keys.queue())
+            .key(self.keys.worker(&self.worker_id))
+            .key(self.keys.workers())
+            .arg(&self.worker_id)
+            .invoke_async(&mut *conn)
+            .await
+            .map_err(redis_err("deregister"))
+    }
+
+    /// Everything in this worker's processing list.
+    pub async fn processing_list(&self) -> Result<Vec<Vec<u8>>, QueueError> {
+        let mut conn = self.conn("reconcile").await?;
+        redis::cmd("LRANGE")
+            .arg(self.keys.processing(&self.worker_id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut *conn)
+            .await
+            .map_err(redis_err("reconcile"))
     }
 
     /// Whether Redis answers a PING.

@@ -16,9 +16,9 @@ use crate::job::{Job, Language, Status, Violation};
 use crate::sandbox::rootfs::RootMode;
 use crate::sandbox::spawn::{self, ChildPlan, RootPlan};
 use crate::sandbox::Sandbox;
+use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::pipe2;
-use nix::fcntl::OFlag;
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -89,6 +89,8 @@ pub struct Outcome {
     pub usage: Usage,
     /// Learning mode: unlisted syscalls the job made, in first-seen order.
     pub unlisted: Vec<String>,
+    /// Stopped through `RunOptions::cancel`: the result means nothing.
+    pub cancelled: bool,
 }
 
 /// Runs jobs in a prepared [`Sandbox`].
@@ -119,11 +121,17 @@ impl Runner<'_> {
         let scratch = sb.root.scratch(uid, gid, sb.config.scratch_mb)?;
         let memory_bytes = job.memory_mb * 1024 * 1024;
         let cgroup = match &sb.cgroups {
-            Some(c) => Some(c.create(
-                scratch.path.file_name().and_then(|n| n.to_str()).unwrap_or("job"),
-                memory_bytes,
-                sb.config.pids_max,
-            )?),
+            Some(c) => Some(
+                c.create(
+                    scratch
+                        .path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("job"),
+                    memory_bytes,
+                    sb.config.pids_max,
+                )?,
+            ),
             None => None,
         };
 
@@ -142,7 +150,8 @@ impl Runner<'_> {
         };
         let script_name = format!(".sandq-{:016x}.{ext}", rand::random::<u64>());
         let host_script = scratch.path.join(&script_name);
-        std::fs::write(&host_script, rendered.script.as_bytes()).map_err(io("writing the prescript"))?;
+        std::fs::write(&host_script, rendered.script.as_bytes())
+            .map_err(io("writing the prescript"))?;
         std::fs::set_permissions(&host_script, std::fs::Permissions::from_mode(0o400))
             .map_err(io("chmod prescript"))?;
         nix::unistd::chown(&host_script, Some(uid.into()), Some(gid.into()))
@@ -183,6 +192,8 @@ impl Runner<'_> {
             cstring("HOME=/tmp")?,
             cstring("TMPDIR=/tmp")?,
             cstring("PATH=/usr/local/bin:/usr/bin:/bin")?,
+            cstring(format!("USER=sandbox{uid}"))?,
+            cstring(format!("LOGNAME=sandbox{uid}"))?,
         ];
         match job.language {
             Language::Python3 => {
@@ -214,10 +225,16 @@ impl Runner<'_> {
             // SIGXCPU at the soft limit, SIGKILL one second later.
             (libc::RLIMIT_CPU, rlimit(cpu_s, cpu_s + 1)),
             (libc::RLIMIT_FSIZE, rlimit(fsize, fsize)),
-            (libc::RLIMIT_NOFILE, rlimit(sb.config.nofile, sb.config.nofile)),
+            (
+                libc::RLIMIT_NOFILE,
+                rlimit(sb.config.nofile, sb.config.nofile),
+            ),
             (libc::RLIMIT_CORE, rlimit(0, 0)),
             // The uid is this job's alone, so this is a per-job process cap.
-            (libc::RLIMIT_NPROC, rlimit(sb.config.pids_max, sb.config.pids_max)),
+            (
+                libc::RLIMIT_NPROC,
+                rlimit(sb.config.pids_max, sb.config.pids_max),
+            ),
         ];
         if cgroup.is_none() && job.language == Language::Python3 {
             // Without a memory cgroup, the address space is the only memory
@@ -330,9 +347,13 @@ fn classify(
     let stderr_text = String::from_utf8_lossy(&c.stderr).into_owned();
     let python_memory_error = job.language == Language::Python3
         && exit_code.is_some_and(|c| c != 0)
-        && stderr_text.trim_end().lines().last().is_some_and(|l| l.starts_with("MemoryError"));
-    let node_heap_error = job.language == Language::Nodejs
-        && stderr_text.contains("JavaScript heap out of memory");
+        && stderr_text
+            .trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("MemoryError"));
+    let node_heap_error =
+        job.language == Language::Nodejs && stderr_text.contains("JavaScript heap out of memory");
     let (status, error) = if let Some(v) = &c.violation {
         (
             Status::Violation,
@@ -354,9 +375,15 @@ fn classify(
     } else if cg.oom_killed || python_memory_error || node_heap_error {
         (
             Status::MemoryLimit,
-            Some(format!("exceeded the memory limit of {} MiB", job.memory_mb)),
+            Some(format!(
+                "exceeded the memory limit of {} MiB",
+                job.memory_mb
+            )),
         )
-    } else if c.signal == Some(libc::SIGXCPU) || c.signal == Some(libc::SIGKILL) && usage.cpu_ms / 1000 >= job.timeout_ms.div_ceil(1000) + 1 {
+    } else if c.signal == Some(libc::SIGXCPU)
+        || c.signal == Some(libc::SIGKILL)
+            && usage.cpu_ms / 1000 >= job.timeout_ms.div_ceil(1000) + 1
+    {
         (
             Status::Timeout,
             Some("exceeded its CPU time limit".to_owned()),
@@ -367,7 +394,10 @@ fn classify(
         let why = if code == 125 {
             "the sandbox identity check failed".to_owned()
         } else if cg.pids_limit_hit {
-            format!("exited with code {code} after hitting the limit of {} processes/threads", 0)
+            format!(
+                "exited with code {code} after hitting the limit of {} processes/threads",
+                0
+            )
         } else {
             format!("exited with code {code}")
         };
@@ -390,5 +420,6 @@ fn classify(
         spawn_duration,
         usage,
         unlisted: c.unlisted,
+        cancelled: c.cancelled,
     }
 }

@@ -70,8 +70,22 @@ mod tests {
 
     #[test]
     fn code_never_appears_in_clear_and_keys_differ() {
-        let a = render(Language::Python3, 10001, 10001, false, "", "print('secret-marker')");
-        let b = render(Language::Python3, 10001, 10001, false, "", "print('secret-marker')");
+        let a = render(
+            Language::Python3,
+            10001,
+            10001,
+            false,
+            "",
+            "print('secret-marker')",
+        );
+        let b = render(
+            Language::Python3,
+            10001,
+            10001,
+            false,
+            "",
+            "print('secret-marker')",
+        );
         assert!(!a.script.contains("secret-marker"));
         assert!(!a.script.contains("{{"), "every placeholder is filled");
         assert_ne!(a.key_b64, b.key_b64);
@@ -86,7 +100,11 @@ mod tests {
     fn xor_round_trips() {
         let key = [7u8; KEY_LEN];
         let enc = STANDARD.decode(obfuscate("héllo", &key)).unwrap();
-        let dec: Vec<u8> = enc.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k).collect();
+        let dec: Vec<u8> = enc
+            .iter()
+            .zip(key.iter().cycle())
+            .map(|(b, k)| b ^ k)
+            .collect();
         assert_eq!(String::from_utf8(dec).unwrap(), "héllo");
     }
 }

@@ -358,8 +358,9 @@ impl Supervisor<'_> {
                             if !unlisted.contains(&name) {
                                 unlisted.push(name);
                             }
-                            let _ = ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty())
-                                .respond(fd.as_raw_fd());
+                            let _ =
+                                ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty())
+                                    .respond(fd.as_raw_fd());
                         } else {
                             // Kill before answering, so the call never returns
                             // into user code; the answer is only for tidiness.

@@ -46,13 +46,18 @@ pub enum Cgroups {
 }
 
 impl Cgroups {
-    /// Detect the hierarchy and create this worker's parent group(s).
-    pub fn detect(worker_tag: &str) -> Result<Cgroups, CgroupError> {
+    /// Detect the hierarchy and create this worker's parent group(s), named
+    /// `<pid>-<tag>`; groups left by dead workers (their pid gone) are removed.
+    pub fn detect(tag: &str) -> Result<Cgroups, CgroupError> {
+        let worker_tag = format!("{}-{tag}", std::process::id());
+        let worker_tag = worker_tag.as_str();
         let root = Path::new("/sys/fs/cgroup");
         let v1_memory = root.join("memory");
         let v1_pids = root.join("pids");
         if v1_memory.join("memory.limit_in_bytes").exists() && v1_pids.join("cgroup.procs").exists()
         {
+            remove_stale(&v1_memory.join("sandq"));
+            remove_stale(&v1_pids.join("sandq"));
             let memory = v1_memory.join("sandq").join(worker_tag);
             let pids = v1_pids.join("sandq").join(worker_tag);
             fs::create_dir_all(&memory).map_err(io_err(&memory))?;
@@ -64,6 +69,7 @@ impl Cgroups {
             // Each level must delegate memory and pids to the next one.
             let sandq = root.join("sandq");
             fs::create_dir_all(&sandq).map_err(io_err(&sandq))?;
+            remove_stale(&sandq);
             write(&root.join("cgroup.subtree_control"), "+memory +pids")?;
             let base = sandq.join(worker_tag);
             fs::create_dir_all(&base).map_err(io_err(&base))?;
@@ -84,7 +90,12 @@ impl Cgroups {
     }
 
     /// Make a job's cgroup with its limits.
-    pub fn create(&self, name: &str, memory_bytes: u64, pids: u64) -> Result<JobCgroup, CgroupError> {
+    pub fn create(
+        &self,
+        name: &str,
+        memory_bytes: u64,
+        pids: u64,
+    ) -> Result<JobCgroup, CgroupError> {
         let dirs: Vec<PathBuf> = match self {
             Cgroups::V2 { base } => vec![base.join(name)],
             Cgroups::V1 { memory, pids } => vec![memory.join(name), pids.join(name)],
@@ -104,7 +115,10 @@ impl Cgroups {
             // No swap: a job over its memory is killed, not paged out.
             let _ = write(&mem.join("memory.swap.max"), "0");
         } else {
-            write(&mem.join("memory.limit_in_bytes"), &memory_bytes.to_string())?;
+            write(
+                &mem.join("memory.limit_in_bytes"),
+                &memory_bytes.to_string(),
+            )?;
             let memsw = mem.join("memory.memsw.limit_in_bytes");
             if memsw.exists() {
                 write(&memsw, &memory_bytes.to_string())?;
@@ -121,6 +135,33 @@ impl Cgroups {
             job.procs.push(file);
         }
         Ok(job)
+    }
+}
+
+/// Remove the groups of workers that no longer run (a SIGKILLed worker cannot
+/// clean up; its jobs died with it through their death signal).
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        if let Ok(jobs) = fs::read_dir(entry.path()) {
+            for job in jobs.flatten().filter(|j| j.path().is_dir()) {
+                let _ = fs::remove_dir(job.path());
+            }
+        }
+        let _ = fs::remove_dir(entry.path());
     }
 }
 

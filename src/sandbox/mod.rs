@@ -138,9 +138,21 @@ impl Sandbox {
 
         let mut namespaces = 0u64;
         let ns = [
-            ("pid namespace", libc::CLONE_NEWPID, "own process tree; killing pid 1 ends all"),
-            ("mount namespace", libc::CLONE_NEWNS, "own mounts; the host root is detached"),
-            ("ipc namespace", libc::CLONE_NEWIPC, "no SysV IPC or POSIX queues shared"),
+            (
+                "pid namespace",
+                libc::CLONE_NEWPID,
+                "own process tree; killing pid 1 ends all",
+            ),
+            (
+                "mount namespace",
+                libc::CLONE_NEWNS,
+                "own mounts; the host root is detached",
+            ),
+            (
+                "ipc namespace",
+                libc::CLONE_NEWIPC,
+                "no SysV IPC or POSIX queues shared",
+            ),
             ("uts namespace", libc::CLONE_NEWUTS, "own hostname"),
         ];
         for (name, flag, what) in ns {
@@ -165,7 +177,11 @@ impl Sandbox {
         );
 
         let mounts = namespaces & libc::CLONE_NEWNS as u64 != 0;
-        let root = rootfs::prepare(&config.state_dir, mounts)?;
+        let root = rootfs::prepare(
+            &config.state_dir,
+            mounts,
+            config.uid_first..=config.uid_last,
+        )?;
         layers.push(
             "read-only root",
             "pivot_root into /usr binds + private /tmp",
@@ -191,12 +207,23 @@ impl Sandbox {
                 Err(format!("{e}; falling back to RLIMIT_NPROC per uid")),
             ),
         };
-        layers.push("cgroup memory", "memory_mb enforced by the kernel", mem_status);
-        layers.push("cgroup pids", "fork and thread bombs stop at pids_max", pids_status);
+        layers.push(
+            "cgroup memory",
+            "memory_mb enforced by the kernel",
+            mem_status,
+        );
+        layers.push(
+            "cgroup pids",
+            "fork and thread bombs stop at pids_max",
+            pids_status,
+        );
         layers.push(
             "rlimits",
             "cpu, file size, open files, core 0, nproc",
-            Ok(format!("nofile {}, fsize {} MiB", config.nofile, config.scratch_mb)),
+            Ok(format!(
+                "nofile {}, fsize {} MiB",
+                config.nofile, config.scratch_mb
+            )),
         );
 
         // The lock dir is on the host side (no private mount covers it), so
@@ -210,7 +237,10 @@ impl Sandbox {
         layers.push(
             "uid per job",
             "setresuid to a uid no other job holds",
-            Ok(format!("{} uids from {}-{}", config.slots, config.uid_first, config.uid_last)),
+            Ok(format!(
+                "{} uids from {}-{}",
+                config.slots, config.uid_first, config.uid_last
+            )),
         );
         layers.push(
             "no_new_privs",

@@ -126,15 +126,29 @@ fn bind_ro(source: &Path, target: &Path) -> Result<(), RootError> {
     )
 }
 
-const PASSWD: &str = "root:x:0:0:root:/root:/usr/sbin/nologin\n\
-sandbox:x:65534:65534:sandq job:/tmp:/usr/sbin/nologin\n";
-const GROUP: &str = "root:x:0:\nsandbox:x:65534:\n";
+/// passwd and group with root and one `sandbox<uid>` entry per job uid, so
+/// that user lookups in jobs (getpass, os.userInfo) find a name.
+fn accounts(uids: std::ops::RangeInclusive<u32>) -> (String, String) {
+    let mut passwd = String::from("root:x:0:0:root:/root:/usr/sbin/nologin\n");
+    let mut group = String::from("root:x:0:\n");
+    for uid in uids {
+        passwd.push_str(&format!(
+            "sandbox{uid}:x:{uid}:{uid}:sandq job:/tmp:/usr/sbin/nologin\n"
+        ));
+        group.push_str(&format!("sandbox{uid}:x:{uid}:\n"));
+    }
+    (passwd, group)
+}
 const HOSTS: &str = "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost\n";
 const NSSWITCH: &str = "passwd: files\ngroup: files\nhosts: files dns\n";
 
 /// Build the runtime root under `state_dir`. With `mounts` false (the host gave
 /// us no mount namespace) only the scratch area is made.
-pub fn prepare(state_dir: &Path, mounts: bool) -> Result<RuntimeRoot, RootError> {
+pub fn prepare(
+    state_dir: &Path,
+    mounts: bool,
+    uids: std::ops::RangeInclusive<u32>,
+) -> Result<RuntimeRoot, RootError> {
     let started = Instant::now();
     let root = state_dir.join("root");
     let scratch_base = state_dir.join("scratch");
@@ -206,8 +220,9 @@ pub fn prepare(state_dir: &Path, mounts: bool) -> Result<RuntimeRoot, RootError>
 
     let etc = root.join("etc");
     create_dir(&etc, 0o755)?;
-    write_file(&etc.join("passwd"), PASSWD.as_bytes())?;
-    write_file(&etc.join("group"), GROUP.as_bytes())?;
+    let (passwd, group) = accounts(uids);
+    write_file(&etc.join("passwd"), passwd.as_bytes())?;
+    write_file(&etc.join("group"), group.as_bytes())?;
     write_file(&etc.join("hosts"), HOSTS.as_bytes())?;
     write_file(&etc.join("nsswitch.conf"), NSSWITCH.as_bytes())?;
     write_file(&etc.join("hostname"), b"sandbox\n")?;
@@ -217,13 +232,17 @@ pub fn prepare(state_dir: &Path, mounts: bool) -> Result<RuntimeRoot, RootError>
             write_file(&etc.join(name), &bytes)?;
         }
     }
-    // Directories the interpreters read: CA certificates (for network jobs)
-    // and Debian's Python site configuration.
+    // Directories the interpreters read: CA certificates (for network jobs),
+    // Debian's Python site configuration, and the alternatives symlinks that
+    // shared libraries such as libblas (numpy) resolve through.
     if let Ok(entries) = fs::read_dir("/etc") {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let wanted = name == "ssl" || name == "ca-certificates" || name.starts_with("python3");
+            let wanted = name == "ssl"
+                || name == "ca-certificates"
+                || name == "alternatives"
+                || name.starts_with("python3");
             if wanted && entry.path().is_dir() {
                 let target = etc.join(&*name);
                 create_dir(&target, 0o755)?;
@@ -267,7 +286,8 @@ impl RuntimeRoot {
             source,
         };
         fs::create_dir(&path).map_err(err)?;
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.into()))?;
+        let c_path =
+            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.into()))?;
         let err = |source| RootError::Create {
             path: path.clone(),
             source,
@@ -290,8 +310,7 @@ impl RuntimeRoot {
         } else {
             nix::unistd::chown(&scratch.path, Some(uid.into()), Some(gid.into()))
                 .map_err(|e| err(e.into()))?;
-            fs::set_permissions(&scratch.path, fs::Permissions::from_mode(0o700))
-                .map_err(err)?;
+            fs::set_permissions(&scratch.path, fs::Permissions::from_mode(0o700)).map_err(err)?;
         }
         Ok(scratch)
     }

@@ -369,16 +369,23 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         }
 
         // 8. Identity: groups, then gid, then uid (which drops all capabilities).
-        step!(plan, Step::Groups, libc::setgroups(0, std::ptr::null()));
+        // Raw syscalls, not the libc wrappers: glibc's setxid wrappers signal
+        // every thread it knows of and wait for them under a lock, and in this
+        // cloned child those threads do not exist (a deadlock seen under load).
+        step!(
+            plan,
+            Step::Groups,
+            libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as i32
+        );
         step!(
             plan,
             Step::Gid,
-            libc::setresgid(plan.gid, plan.gid, plan.gid)
+            libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid) as i32
         );
         step!(
             plan,
             Step::Uid,
-            libc::setresuid(plan.uid, plan.uid, plan.uid)
+            libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid) as i32
         );
 
         // 9. Die with the worker.
@@ -411,7 +418,11 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         libc::close(listener);
 
         // 12. Exec.
-        libc::execve(plan.program.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+        libc::execve(
+            plan.program.as_ptr(),
+            plan.argv.as_ptr(),
+            plan.envp.as_ptr(),
+        );
         fail(plan, Step::Exec)
     }
 }

@@ -59,7 +59,12 @@ impl Drop for UidLease {
 
 impl UidPool {
     /// Claim `count` uids from `first..=last`.
-    pub fn claim(lock_dir: &Path, first: u32, last: u32, count: usize) -> Result<UidPool, UidError> {
+    pub fn claim(
+        lock_dir: &Path,
+        first: u32,
+        last: u32,
+        count: usize,
+    ) -> Result<UidPool, UidError> {
         if first == 0 || last < first {
             return Err(UidError::Range { first, last });
         }

@@ -32,7 +32,11 @@ pub fn redis() -> Option<redis::Connection> {
 
 /// A prefix no other test or run shares.
 pub fn prefix(name: &str) -> String {
-    format!("sandq-test:{name}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "sandq-test:{name}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// A running worker; killed (SIGKILL) and its keys deleted when dropped.
@@ -52,7 +56,14 @@ impl Worker {
     pub fn start_with_id(prefix: &str, id: &str, args: &[&str]) -> Worker {
         let mut cmd = Command::new(BIN);
         cmd.arg("worker")
-            .args(["--redis", &redis_url(), "--prefix", prefix, "--worker-id", id])
+            .args([
+                "--redis",
+                &redis_url(),
+                "--prefix",
+                prefix,
+                "--worker-id",
+                id,
+            ])
             .args(["--metrics-addr", "off"])
             .args(args)
             .env("SANDQ_LOG", "info")
@@ -121,14 +132,22 @@ impl Worker {
     }
 
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        // SIGTERM first, so the worker removes its cgroups and deregisters.
+        self.signal(libc::SIGTERM);
+        if self.wait(Duration::from_secs(5)).is_none() {
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.kill();
+            }
+        }
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
             let _ = c.wait();
         }
         if self.cleanup {
@@ -140,18 +159,29 @@ impl Drop for Worker {
 /// Delete every key under `prefix:` (SCAN, never FLUSH).
 pub fn delete_prefix(prefix: &str) {
     let Some(mut conn) = redis() else { return };
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap_or_default();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query(&mut conn)
+        .unwrap_or_default();
     for k in keys {
         let _: Result<(), _> = redis::cmd("DEL").arg(k).query(&mut conn);
     }
 }
 
 pub fn push(conn: &mut redis::Connection, prefix: &str, job: &Value) {
-    let _: i64 = redis::cmd("RPUSH").arg(format!("{prefix}:queue")).arg(job.to_string()).query(conn).unwrap();
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(format!("{prefix}:queue"))
+        .arg(job.to_string())
+        .query(conn)
+        .unwrap();
 }
 
 pub fn push_raw(conn: &mut redis::Connection, prefix: &str, raw: &str) {
-    let _: i64 = redis::cmd("RPUSH").arg(format!("{prefix}:queue")).arg(raw).query(conn).unwrap();
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(format!("{prefix}:queue"))
+        .arg(raw)
+        .query(conn)
+        .unwrap();
 }
 
 /// BLPOP the result of `id`.
@@ -173,7 +203,10 @@ pub fn run_job(conn: &mut redis::Connection, prefix: &str, mut job: Value) -> Va
         job["language"] = json!("python3");
     }
     push(conn, prefix, &job);
-    let t = job.get("timeout_ms").and_then(|v| v.as_u64()).unwrap_or(5000);
+    let t = job
+        .get("timeout_ms")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(5000);
     result(conn, prefix, &id, Duration::from_millis(t + 30_000))
 }
 
@@ -191,12 +224,20 @@ pub fn llen(conn: &mut redis::Connection, key: &str) -> i64 {
 }
 
 pub fn processing_total(conn: &mut redis::Connection, prefix: &str) -> i64 {
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:processing:*")).query(conn).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:processing:*"))
+        .query(conn)
+        .unwrap();
     keys.iter().map(|k| llen(conn, k)).sum()
 }
 
 /// Assert a status, printing the whole result when it differs.
 #[track_caller]
 pub fn assert_status(r: &Value, status: &str) {
-    assert_eq!(r["status"], status, "unexpected result: {}", serde_json::to_string_pretty(r).unwrap());
+    assert_eq!(
+        r["status"],
+        status,
+        "unexpected result: {}",
+        serde_json::to_string_pretty(r).unwrap()
+    );
 }

@@ -1,0 +1,16 @@
+-- A worker leaving cleanly: anything still in its processing list goes back
+-- to the head of the queue (uncounted), then its heartbeat and registration go.
+--
+-- KEYS[1] <p>:processing:<id>   KEYS[2] <p>:queue
+-- KEYS[3] <p>:worker:<id>       KEYS[4] <p>:workers
+-- ARGV[1] worker id
+local moved = 0
+while true do
+  local job = redis.call('RPOP', KEYS[1])
+  if not job then break end
+  redis.call('LPUSH', KEYS[2], job)
+  moved = moved + 1
+end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return moved

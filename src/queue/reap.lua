@@ -1,0 +1,29 @@
+-- Recover the jobs of workers whose heartbeat has expired. Atomic and
+-- idempotent, so every worker can run it without a leader: a second run finds
+-- nothing left to move.
+--
+-- KEYS[1] <p>:workers (sorted set of worker id by last beat, ms)
+-- KEYS[2] <p>:queue
+-- ARGV[1] prefix   ARGV[2] now (ms)   ARGV[3] a beat older than this (ms) is suspect
+--
+-- A suspect worker is dead only if its heartbeat key <p>:worker:<id> is gone
+-- (it has a TTL). Its processing list goes back to the HEAD of the queue in
+-- the order the jobs were taken. Keys are built here from the prefix, so this
+-- script is for a single Redis (not Cluster).
+-- Returns {jobs moved, workers reaped}.
+local suspects = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+local moved, reaped = 0, 0
+for _, id in ipairs(suspects) do
+  if redis.call('EXISTS', ARGV[1] .. ':worker:' .. id) == 0 then
+    local processing = ARGV[1] .. ':processing:' .. id
+    while true do
+      local job = redis.call('RPOP', processing)
+      if not job then break end
+      redis.call('LPUSH', KEYS[2], job)
+      moved = moved + 1
+    end
+    redis.call('ZREM', KEYS[1], id)
+    reaped = reaped + 1
+  end
+end
+return {moved, reaped}

@@ -1,0 +1,336 @@
+//! The seccomp allowlists, as reviewed data: one entry per system call with the reason it is allowed.
+//!
+//! How the lists were made: every call below was seen in `strace -f` traces (all threads) of
+//! Debian's `/usr/bin/python3` (3.11, `-I -B`, and `-I -B -X utf8` through the prescript) and
+//! `/usr/bin/node` (v20, `--max-old-space-size`, with and without `UV_USE_IO_URING=0`) on x86_64,
+//! run with an empty environment and with the worker's own environment, as an unprivileged uid
+//! that has no passwd entry, from a scratch directory, with stdin, stdout and stderr on pipes.
+//! The workloads: an empty script, printing, 200 KB of output, reading stdin, the common standard
+//! modules (json, re, datetime, decimal, zoneinfo, hashlib, uuid, csv, ...), threads and a thread
+//! pool, asyncio, `time.sleep`, sqlite (in memory and on a file), numpy with one BLAS thread,
+//! creating/reading/listing/renaming/deleting files and directories in the working directory,
+//! `tempfile`, `shutil`, `os.urandom`, signals to self, `os.abort`, an uncaught exception,
+//! `sys.exit(3)`; for Node the same plus crypto, Buffer, URL, timers and promises, a 1e6-element
+//! array, fs streams, `copyFileSync`, a worker thread, zlib, heap exhaustion and `process.exit(3)`;
+//! and, for NETWORK only, TCP to a local server, HTTP GET/POST, UDP, `getaddrinfo`/`dns.lookup`
+//! and `fetch`. A call goes in COMMON when both runtimes make it (or the child itself needs it
+//! between loading the filter and exec), in PYTHON or NODEJS when only one does.
+//!
+//! Deliberately absent, so that any attempt is a reported violation: `fork`, `vfork` and `clone`
+//! without `CLONE_THREAD` (no new processes: `os.fork`, `subprocess`, `child_process` die here),
+//! `execve`/`execveat` after the one that starts the interpreter, `wait4`/`waitid` (there are no
+//! children to reap), `ptrace` and `process_vm_readv`/`process_vm_writev`, `mount`, `umount2`,
+//! `unshare`, `setns`, `chroot`, `pivot_root`, `bpf`, `keyctl`/`add_key`/`request_key`,
+//! `perf_event_open`, `userfaultfd`, `io_uring_enter`/`io_uring_register` (setup is answered
+//! ENOSYS below), `kexec_load`/`kexec_file_load`, `init_module`/`finit_module`/`delete_module`,
+//! the setuid family (`setuid`, `setgid`, `setreuid`, `setresuid`, `setresgid`, `setgroups`,
+//! `setfsuid`, `setfsgid`), `listen`/`accept`/`accept4` (jobs are clients, never servers),
+//! `memfd_create`, `personality`, `seccomp`, clock and host setters; `dup2` and `close_range`,
+//! which only the child of a `subprocess`/`child_process` spawn made; `sigaltstack`, never seen.
+//! `clone`, `clone3`, `execve` and `execveat` appear in no table: they have their own rules.
+//!
+//! Known gaps, kept out on purpose:
+//! - Python with `HOME` unset resolves the home directory through `getpwuid()`, and so does
+//!   `pwd.getpwuid`/`getpass.getuser()`/Node's `os.userInfo()`: glibc first probes nscd with
+//!   `socket(AF_UNIX)` + `connect`, and for a uid absent from `/etc/passwd` nss_systemd then adds
+//!   `prctl(PR_CAPBSET_READ)`, `readlinkat` and `rt_sigprocmask`. The job environment sets `HOME`,
+//!   with which none of this happens at start-up, so neither `socket` nor `prctl` is listed here.
+//! - ctypes: importing it needs nothing new, but a callback (`CFUNCTYPE`) makes libffi call
+//!   `statfs` and map an anonymous writable-and-executable page (allowed under `mmap` already).
+//!   `statfs` stays out, so ctypes callbacks are a violation.
+
+/// A system call the filter allows, and why.
+pub struct Entry {
+    /// The name as libseccomp resolves it on the build architecture.
+    pub name: &'static str,
+    /// One line: what needs it.
+    pub why: &'static str,
+}
+
+const fn allow(name: &'static str, why: &'static str) -> Entry {
+    Entry { name, why }
+}
+
+/// Needed by every interpreter: loader, memory, files in the runtime root, time, signals, threads' futexes.
+pub const COMMON: &[Entry] = &[
+    allow("access", "the dynamic loader checks /etc/ld.so.preload"),
+    allow(
+        "arch_prctl",
+        "the dynamic loader sets the thread pointer (ARCH_SET_FS)",
+    ),
+    allow("brk", "malloc's main heap"),
+    allow(
+        "chmod",
+        "os.chmod, shutil.copy/copy2 and fs.chmodSync on job files",
+    ),
+    allow(
+        "close",
+        "closing files; also the child's last call before exec",
+    ),
+    allow("epoll_create1", "asyncio's selector and libuv's event loop"),
+    allow("epoll_ctl", "asyncio's selector and libuv's event loop"),
+    allow(
+        "exit",
+        "a thread ending (Python threads, V8 and libuv workers)",
+    ),
+    allow("exit_group", "the process ending"),
+    allow(
+        "fcntl",
+        "fd flags (CLOEXEC, O_NONBLOCK) and sqlite's file locks",
+    ),
+    allow("futex", "locks and condition variables between threads"),
+    allow(
+        "getcwd",
+        "both runtimes resolve the script path at start-up",
+    ),
+    allow(
+        "getdents64",
+        "listing directories: module search, os.listdir, fs.readdirSync",
+    ),
+    allow(
+        "geteuid",
+        "Node's secure-getenv check at start-up; sqlite on a file",
+    ),
+    allow(
+        "getgid",
+        "the prescript's identity check; Node's secure-getenv check",
+    ),
+    allow(
+        "getpid",
+        "asyncio checks its loop's owner; Node at start-up and process.pid",
+    ),
+    allow(
+        "getrandom",
+        "hash seeds, os.urandom, crypto.randomBytes, V8's seeds",
+    ),
+    allow(
+        "getsockname",
+        "asyncio's self-pipe socketpair; Node's socket.address()",
+    ),
+    allow(
+        "gettid",
+        "thread ids at start-up and in the thread libraries",
+    ),
+    allow(
+        "getuid",
+        "the prescript's identity check; Node's secure-getenv check",
+    ),
+    allow(
+        "ioctl",
+        "TCGETS (isatty), FIONBIO, FIOCLEX, FIONREAD on own fds",
+    ),
+    allow(
+        "kill",
+        "os.kill(os.getpid()) and process.kill(process.pid): signals to self",
+    ),
+    allow(
+        "lseek",
+        "Python's io probes every fd; glibc rereads /etc/hosts and passwd",
+    ),
+    allow(
+        "madvise",
+        "freeing memory (MADV_DONTNEED), MADV_DONTFORK on V8 pages",
+    ),
+    allow(
+        "mkdir",
+        "os.mkdir, tempfile.mkdtemp, fs.mkdirSync in the scratch dir",
+    ),
+    allow(
+        "mmap",
+        "the dynamic loader, malloc arenas, thread stacks, V8's heap",
+    ),
+    allow(
+        "mprotect",
+        "the loader's RELRO, thread stack guards, V8's code pages",
+    ),
+    allow(
+        "mremap",
+        "glibc realloc of large blocks (growing lists, bytes, buffers)",
+    ),
+    allow("munmap", "releasing mappings"),
+    allow(
+        "newfstatat",
+        "stat/fstat through glibc: module search, os.stat, fs.statSync",
+    ),
+    allow("openat", "opening libraries, modules and job files"),
+    allow(
+        "pipe2",
+        "os.pipe; libuv's signal pipe and worker_threads message ports",
+    ),
+    allow(
+        "pread64",
+        "the dynamic loader reads ELF headers; libuv's fs reads",
+    ),
+    allow(
+        "prlimit64",
+        "reading RLIMIT_STACK and RLIMIT_NOFILE at start-up",
+    ),
+    allow("read", "stdin, files and pipes"),
+    allow(
+        "readlink",
+        "resolving the interpreter's own path (/usr/bin/python3, /proc/self/exe)",
+    ),
+    allow("rename", "os.rename/shutil.move and fs.renameSync"),
+    allow(
+        "rmdir",
+        "os.rmdir, TemporaryDirectory cleanup, fs.rmdirSync",
+    ),
+    allow(
+        "rseq",
+        "glibc registers restartable sequences for each thread",
+    ),
+    allow(
+        "rt_sigaction",
+        "signal handlers: Python's SIGINT, Node's and libuv's handlers",
+    ),
+    allow(
+        "rt_sigprocmask",
+        "signal masks around thread creation and abort()",
+    ),
+    allow("rt_sigreturn", "returning from any signal handler"),
+    allow(
+        "sched_getaffinity",
+        "glibc pthread_getattr_np (V8 finds its stack); os.sched_getaffinity",
+    ),
+    allow(
+        "sendmsg",
+        "the child sends the listener fd between filter load and exec; Node UDP",
+    ),
+    allow(
+        "set_robust_list",
+        "glibc registers each thread's robust futex list",
+    ),
+    allow("set_tid_address", "glibc start-up and each new thread"),
+    allow(
+        "sysinfo",
+        "glibc qsort sizes its buffer by physical memory (both at start-up)",
+    ),
+    allow(
+        "tgkill",
+        "abort() on fatal errors (V8 heap exhaustion, os.abort), signal.raise_signal",
+    ),
+    allow(
+        "uname",
+        "kernel version checks at start-up (Python, V8), os.uname, os.hostname()",
+    ),
+    allow(
+        "unlink",
+        "deleting files: os.remove, fs.unlinkSync, the prescript removing itself",
+    ),
+    allow("write", "stdout, stderr, files and pipes"),
+];
+
+/// Only Python needs these.
+pub const PYTHON: &[Entry] = &[
+    allow(
+        "clock_gettime",
+        "time.process_time/thread_time: CPU clocks are not in the vDSO",
+    ),
+    allow("clock_nanosleep", "time.sleep"),
+    allow(
+        "epoll_wait",
+        "asyncio's event loop (selectors.EpollSelector)",
+    ),
+    allow("fdatasync", "sqlite3 committing to a database file"),
+    allow("fsync", "os.fsync on a job file"),
+    allow("pwrite64", "sqlite3 writing pages of a database file"),
+    allow(
+        "sendfile",
+        "shutil.copyfile's in-kernel copy between two files",
+    ),
+    allow(
+        "socketpair",
+        "asyncio's self-pipe; a connected pair, reaches nothing outside",
+    ),
+    allow("truncate", "os.truncate on a path"),
+    allow("unlinkat", "shutil.rmtree and TemporaryDirectory cleanup"),
+    allow(
+        "utimensat",
+        "os.utime, shutil.copy2/copystat copying timestamps",
+    ),
+];
+
+/// Only Node.js needs these.
+pub const NODEJS: &[Entry] = &[
+    allow(
+        "capget",
+        "secure-getenv check at start-up: ignores env when capabilities are held",
+    ),
+    allow("copy_file_range", "fs.copyFileSync/fs.copyFile"),
+    allow("epoll_pwait", "libuv's event loop"),
+    allow("eventfd2", "libuv wakes its loop from worker threads"),
+    allow("fchmod", "fs.copyFileSync copies the mode; fs.fchmod"),
+    allow("fstat", "libuv stats open fds (stdio, fs.fstat)"),
+    allow(
+        "ftruncate",
+        "fs.copyFileSync truncates the target; fs.ftruncate",
+    ),
+    allow(
+        "getegid",
+        "secure-getenv check at start-up compares real and effective gid",
+    ),
+    allow(
+        "sched_yield",
+        "V8's spinning locks under contention (GC threads)",
+    ),
+    allow("statx", "libuv's stat: fs.statSync, module resolution"),
+    allow(
+        "writev",
+        "fs write streams and sockets flush queued chunks at once",
+    ),
+];
+
+/// Sockets and name resolution: only when the job asks for network and the worker allows it.
+pub const NETWORK: &[Entry] = &[
+    allow(
+        "bind",
+        "Node's dgram binds UDP sockets to an ephemeral port before sending",
+    ),
+    allow(
+        "connect",
+        "TCP connections, connected UDP, glibc's resolver",
+    ),
+    allow(
+        "getpeername",
+        "Node's socket.remoteAddress, Python's getpeername",
+    ),
+    allow("getsockopt", "SO_ERROR after a non-blocking connect"),
+    allow(
+        "poll",
+        "Python socket timeouts and glibc's resolver waiting for replies",
+    ),
+    allow("recvfrom", "socket.recv, c-ares and glibc resolver replies"),
+    allow("recvmsg", "Node's dgram receiving datagrams"),
+    allow(
+        "sendmmsg",
+        "glibc's resolver sends the A and AAAA queries together",
+    ),
+    allow("sendto", "socket.send/sendto, c-ares queries"),
+    allow("setsockopt", "TCP_NODELAY and keep-alive on client sockets"),
+    allow("shutdown", "Node's socket.end() half-closes the connection"),
+    allow("socket", "creating TCP and UDP sockets"),
+];
+
+/// Calls the interpreters probe and cope without: answered with this errno instead of killing the job.
+pub const QUIET_DENY: &[(&str, i32, &str)] = &[
+    (
+        "clone3",
+        38, /* ENOSYS */
+        "glibc's pthread_create falls back to clone, which gets the CLONE_THREAD rule",
+    ),
+    (
+        "io_uring_setup",
+        38, /* ENOSYS */
+        "libuv falls back to epoll and its thread pool",
+    ),
+    (
+        "listxattr",
+        95, /* ENOTSUP */
+        "shutil.copy2/copystat skip extended attributes on ENOTSUP",
+    ),
+    (
+        "pkey_alloc",
+        38, /* ENOSYS */
+        "V8 probes memory protection keys and works without them",
+    ),
+];
