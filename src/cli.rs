@@ -118,6 +118,7 @@ fn self_test(sandbox: &Sandbox, output_limit: usize) -> Result<Vec<String>, CliE
             output_limit,
             learn: false,
             cancel: None,
+            egress: Arc::default(),
         };
         let outcome = Runner { sandbox }.run(&job, &opts);
         match outcome {
@@ -390,6 +391,7 @@ pub fn run(args: RunArgs, learn: bool) -> Result<ExitCode, CliError> {
         output_limit: settings.output_limit,
         learn,
         cancel: None,
+        egress: Arc::new(settings.egress.clone()),
     };
     let outcome = Runner { sandbox: &sandbox }.run(&job, &opts)?;
     if learn {

@@ -7,6 +7,7 @@
 //! never replace them.
 
 use crate::job::{Language, Limits};
+use crate::runner::egress::{Cidr, EgressPolicy};
 use crate::sandbox::SandboxConfig;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
@@ -111,6 +112,16 @@ pub struct SandboxArgs {
     /// Processes and threads per job [default: 64]
     #[arg(long, env = "SANDQ_PIDS_MAX")]
     pub pids_max: Option<u64>,
+    /// HTTP proxy (host:port) that all egress of network jobs goes through.
+    #[arg(long, env = "SANDQ_EGRESS_PROXY")]
+    pub egress_proxy: Option<String>,
+    /// Internal address range network jobs may reach anyway (repeatable, CIDR).
+    #[arg(
+        long = "egress-allow",
+        env = "SANDQ_EGRESS_ALLOW",
+        value_delimiter = ','
+    )]
+    pub egress_allow: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +247,9 @@ pub struct FileConfig {
     pub output_limit_bytes: Option<usize>,
     pub scratch_mb: Option<u64>,
     pub pids_max: Option<u64>,
+    pub egress_proxy: Option<String>,
+    #[serde(default)]
+    pub egress_allow: Vec<String>,
 }
 
 impl FileConfig {
@@ -260,6 +274,7 @@ pub struct SandboxSettings {
     pub sandbox: SandboxConfig,
     pub limits: Limits,
     pub output_limit: usize,
+    pub egress: EgressPolicy,
 }
 
 fn parse_uid_range(s: &str) -> Result<(u32, u32), ConfigError> {
@@ -324,6 +339,19 @@ impl SandboxArgs {
             default_memory_mb: limits.default_memory_mb.min(limits.max_memory_mb),
             ..limits
         };
+        let mut allow = Vec::new();
+        for range in self.egress_allow.iter().chain(&file.egress_allow) {
+            allow.push(Cidr::parse(range).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "egress_allow {range:?}: expected an address or CIDR, e.g. 10.1.0.0/16"
+                ))
+            })?);
+        }
+        let egress = EgressPolicy {
+            upstream: self.egress_proxy.clone().or(file.egress_proxy.clone()),
+            allow,
+            deny: Vec::new(),
+        };
         let pids_max = self.pids_max.or(file.pids_max).unwrap_or(64);
         if pids_max < 4 {
             return Err(ConfigError::Invalid("pids_max must be at least 4".into()));
@@ -361,6 +389,7 @@ impl SandboxArgs {
                 .or(file.output_limit_bytes)
                 .unwrap_or(1024 * 1024)
                 .max(1024),
+            egress,
         })
     }
 }

@@ -13,6 +13,7 @@ use crate::config::WorkerConfig;
 use crate::job::{self, Job, JobError, JobResult, Status};
 use crate::metrics::{Metrics, Readiness};
 use crate::queue::{now_ms, Queue, QueueError};
+use crate::runner::egress::EgressPolicy;
 use crate::runner::{Outcome, RunOptions, Runner};
 use crate::sandbox::Sandbox;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -44,6 +45,28 @@ struct Shared {
     readiness: Arc<Readiness>,
     /// Read end of the kill switch: closing the write end stops every running job.
     kill_switch: OwnedFd,
+    /// Egress policy for jobs with network, with this worker's own Redis and
+    /// metrics addresses always refused.
+    egress: Arc<EgressPolicy>,
+}
+
+/// The configured egress policy plus the worker's own endpoints, refused.
+fn egress_policy(cfg: &WorkerConfig) -> EgressPolicy {
+    use std::net::ToSocketAddrs;
+    let mut policy = cfg.settings.egress.clone();
+    let redis_host = redis::IntoConnectionInfo::into_connection_info(cfg.redis_url.as_str())
+        .ok()
+        .and_then(|info| match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => Some(format!("{host}:{port}")),
+            _ => None,
+        });
+    for endpoint in redis_host.iter().chain(cfg.metrics_addr.iter()) {
+        if let Ok(addrs) = endpoint.to_socket_addrs() {
+            policy.deny.extend(addrs);
+        }
+    }
+    policy
 }
 
 /// Raw payloads this worker has taken and not finished with, and the job id
@@ -139,6 +162,7 @@ pub async fn run(
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         kill_switch: kill_r,
+        egress: Arc::new(egress_policy(&cfg)),
     });
     metrics.slots.set(cfg.concurrency as i64);
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
@@ -549,6 +573,7 @@ async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String>
             output_limit: s.cfg.settings.output_limit,
             learn: false,
             cancel: Some(s.kill_switch.as_raw_fd()),
+            egress: s.egress.clone(),
         };
         Runner {
             sandbox: &s.sandbox,

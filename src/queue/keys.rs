@@ -37,6 +37,14 @@ impl Keys {
         format!("{}:result:{id}", self.prefix)
     }
 
+    /// `<p>:result:client:<name>`: one list that collects the results of many
+    /// jobs of one client (a batch run, a gateway) named as their `reply_to`,
+    /// so the client waits on one key instead of one per job. It lies in the
+    /// result namespace, which workers accept as a reply key.
+    pub fn client_results(&self, name: &str) -> String {
+        format!("{}:result:client:{name}", self.prefix)
+    }
+
     /// `<p>:done:<id>`: set when a job's result has been pushed.
     pub fn done(&self, id: &str) -> String {
         format!("{}:done:{id}", self.prefix)
@@ -78,6 +86,7 @@ mod tests {
         assert_eq!(k.result("j"), "t1:result:j");
         assert!(k.reply_key_allowed("myapp:replies:1"));
         assert!(k.reply_key_allowed("t1:result:custom"));
+        assert!(k.reply_key_allowed(&k.client_results("batch-1")));
         assert!(!k.reply_key_allowed("t1:queue"));
         assert!(!k.reply_key_allowed("t1:processing:w"));
     }

@@ -9,6 +9,7 @@
 //! A user's code failing is not an error here: it is an [`Outcome`] with a
 //! status. [`RunError`] is for the sandbox failing to start the job.
 
+pub mod egress;
 mod prescript;
 mod supervise;
 
@@ -45,6 +46,8 @@ pub enum RunError {
     Spawn(#[from] spawn::SpawnError),
     #[error("the sandboxed interpreter did not start: {0}")]
     Handshake(String),
+    #[error("this host gives jobs no network namespace, so network jobs cannot be isolated from the worker's network; they are refused")]
+    NoNetworkIsolation,
 }
 
 fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
@@ -68,6 +71,8 @@ pub struct RunOptions {
     /// A fd that turns readable (or hangs up) when the job must be stopped
     /// (the worker's shutdown kill switch).
     pub cancel: Option<std::os::fd::RawFd>,
+    /// Where jobs with network may connect (through the egress relay).
+    pub egress: std::sync::Arc<egress::EgressPolicy>,
 }
 
 /// How a run ended, with everything the result reports.
@@ -116,6 +121,9 @@ fn rlimit(cur: u64, max: u64) -> libc::rlimit {
 impl Runner<'_> {
     pub fn run(&self, job: &Job, opts: &RunOptions) -> Result<Outcome, RunError> {
         let sb = self.sandbox;
+        if job.enable_network && !sb.net_namespace {
+            return Err(RunError::NoNetworkIsolation);
+        }
         let lease = sb.uids.lease().ok_or(RunError::NoUid)?;
         let (uid, gid) = (lease.uid, lease.uid);
         let scratch = sb.root.scratch(uid, gid, sb.config.scratch_mb)?;
@@ -195,6 +203,20 @@ impl Runner<'_> {
             cstring(format!("USER=sandbox{uid}"))?,
             cstring(format!("LOGNAME=sandbox{uid}"))?,
         ];
+        if job.enable_network {
+            // The only way out: the egress relay on the job's own loopback.
+            let proxy = format!("http://127.0.0.1:{}", egress::PROXY_PORT);
+            for var in [
+                "http_proxy",
+                "https_proxy",
+                "HTTP_PROXY",
+                "HTTPS_PROXY",
+                "ALL_PROXY",
+                "all_proxy",
+            ] {
+                env.push(cstring(format!("{var}={proxy}"))?);
+            }
+        }
         match job.language {
             Language::Python3 => {
                 for a in ["-I", "-B", "-X", "utf8"] {
@@ -220,6 +242,7 @@ impl Runner<'_> {
         envp.push(std::ptr::null());
 
         let cpu_s = job.timeout_ms.div_ceil(1000) + 1;
+        let nproc = sb.config.pids_max + if cgroup.is_some() { 8 } else { 0 };
         let fsize = sb.config.scratch_mb * 1024 * 1024;
         let mut rlimits = vec![
             // SIGXCPU at the soft limit, SIGKILL one second later.
@@ -230,11 +253,10 @@ impl Runner<'_> {
                 rlimit(sb.config.nofile, sb.config.nofile),
             ),
             (libc::RLIMIT_CORE, rlimit(0, 0)),
-            // The uid is this job's alone, so this is a per-job process cap.
-            (
-                libc::RLIMIT_NPROC,
-                rlimit(sb.config.pids_max, sb.config.pids_max),
-            ),
+            // The uid is this job's alone, so this is a per-job process cap;
+            // a little above the cgroup's, so that where both exist the
+            // cgroup (which reports hitting it) is the one that stops a bomb.
+            (libc::RLIMIT_NPROC, rlimit(nproc, nproc)),
         ];
         if cgroup.is_none() && job.language == Language::Python3 {
             // Without a memory cgroup, the address space is the only memory
@@ -257,10 +279,17 @@ impl Runner<'_> {
                 scratch: &scratch.c_path,
             }
         };
+        // Every job gets a network namespace of its own, network or not: with
+        // network, its only interface is `lo` and the egress relay on it.
         let mut namespaces = sb.namespaces;
-        if !job.enable_network && sb.net_namespace {
+        if sb.net_namespace {
             namespaces |= libc::CLONE_NEWNET as u64;
         }
+        let landlock = sb
+            .landlock
+            .as_ref()
+            .and_then(|(abi, exec)| exec.get(&job.language).map(|files| (*abi, files)))
+            .map(|(abi, files)| crate::sandbox::landlock::Plan::new(abi, files));
         let filter = sb.filters.get(job.language, job.enable_network);
         let fprog = filter.fprog();
         let plan = ChildPlan {
@@ -277,10 +306,12 @@ impl Runner<'_> {
             root: root_plan,
             workdir: &workdir,
             hostname: b"sandbox",
+            relay_port: job.enable_network.then_some(egress::PROXY_PORT),
             rlimits: &rlimits,
             cgroup_procs: &cgroup_fds,
             uid,
             gid,
+            landlock: landlock.as_ref(),
             filter: &fprog,
         };
 
@@ -290,13 +321,17 @@ impl Runner<'_> {
         drop((stdin_r, stdout_w, stderr_w, key_r, ctl_child, err_w));
 
         let exec = supervise::handshake(&ctl_parent, &err_r);
-        let listener: OwnedFd = match exec {
-            Ok(l) => l,
+        let handover = match exec {
+            Ok(h) => h,
             Err(e) => {
                 supervise::kill_and_reap(&child);
                 return Err(e);
             }
         };
+        let listener: OwnedFd = handover.listener;
+        let _relay = handover
+            .relay
+            .map(|fd| egress::Relay::start(std::net::TcpListener::from(fd), opts.egress.clone()));
         let spawn_duration = started.elapsed();
         let deadline = Instant::now() + Duration::from_millis(job.timeout_ms);
         let capture = supervise::Supervisor {
@@ -322,7 +357,15 @@ impl Runner<'_> {
         if let Some(peak) = cg.peak_memory_bytes {
             usage.max_rss_kb = usage.max_rss_kb.max(peak / 1024);
         }
-        Ok(classify(job, capture, cg, usage, duration, spawn_duration))
+        Ok(classify(
+            job,
+            capture,
+            cg,
+            usage,
+            duration,
+            spawn_duration,
+            sb.config.pids_max,
+        ))
     }
 }
 
@@ -341,6 +384,7 @@ fn classify(
     usage: Usage,
     duration: Duration,
     spawn_duration: Duration,
+    pids_max: u64,
 ) -> Outcome {
     let exit_code = c.exit_code;
     let signal = c.signal.map(signal_name);
@@ -395,8 +439,7 @@ fn classify(
             "the sandbox identity check failed".to_owned()
         } else if cg.pids_limit_hit {
             format!(
-                "exited with code {code} after hitting the limit of {} processes/threads",
-                0
+                "exited with code {code} after hitting the limit of {pids_max} processes/threads"
             )
         } else {
             format!("exited with code {code}")

@@ -10,9 +10,9 @@
 
 use super::RunError;
 use crate::job::Violation;
-use crate::sandbox::seccomp::syscall_name;
+use crate::sandbox::seccomp::{foreign_syscall_name, syscall_name};
 use crate::sandbox::spawn::{decode_error, Spawned};
-use libseccomp::{ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags};
+use libseccomp::{ScmpArch, ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -66,8 +66,15 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
     }
 }
 
+/// The fds the child hands over: the seccomp listener, and for jobs with
+/// network the egress relay's listening socket.
+pub struct Handover {
+    pub listener: OwnedFd,
+    pub relay: Option<OwnedFd>,
+}
+
 /// Receive the listener, let the first exec through, and wait for it to land.
-pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<OwnedFd, RunError> {
+pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<Handover, RunError> {
     let broken = |what: &str| -> RunError {
         // If the child reported a failed step, that is the better message.
         if wait_readable(err.as_raw_fd(), Duration::from_millis(200)) {
@@ -85,7 +92,7 @@ pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<OwnedFd, RunError> 
     }
     let mut byte = [0u8; 1];
     let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut space = nix::cmsg_space!([RawFd; 2]);
     let msg = recvmsg::<()>(
         control.as_raw_fd(),
         &mut iov,
@@ -93,19 +100,20 @@ pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<OwnedFd, RunError> 
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(|e| RunError::Handshake(format!("receiving the listener: {e}")))?;
-    let mut listener = None;
+    let mut received = Vec::new();
     if let Ok(cmsgs) = msg.cmsgs() {
         for cmsg in cmsgs {
             if let ControlMessageOwned::ScmRights(fds) = cmsg {
                 for fd in fds {
                     // SAFETY: SCM_RIGHTS just installed this fd in our table; we own it.
-                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                    listener.get_or_insert(owned);
+                    received.push(unsafe { OwnedFd::from_raw_fd(fd) });
                 }
             }
         }
     }
-    let Some(listener) = listener else {
+    let mut received = received.into_iter();
+    let relay_fd = None;
+    let (Some(listener), relay) = (received.next(), received.next().or(relay_fd)) else {
         return Err(broken("the child closed the control socket"));
     };
 
@@ -133,7 +141,7 @@ pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<OwnedFd, RunError> 
     }
     let mut buf = [0u8; 8];
     match nix::unistd::read(err, &mut buf) {
-        Ok(0) => Ok(listener),
+        Ok(0) => Ok(Handover { listener, relay }),
         Ok(_) => Err(decode_error(&buf)
             .map(RunError::Spawn)
             .unwrap_or_else(|| RunError::Handshake("short error report".into()))),
@@ -353,7 +361,11 @@ impl Supervisor<'_> {
                 if let Some(fd) = &listener {
                     if let Ok(req) = ScmpNotifReq::receive(fd.as_raw_fd()) {
                         let nr = i32::from(req.data.syscall);
-                        let name = syscall_name(nr);
+                        let name = if req.data.arch == ScmpArch::native() {
+                            syscall_name(nr)
+                        } else {
+                            foreign_syscall_name(nr, req.data.arch)
+                        };
                         if self.learn {
                             if !unlisted.contains(&name) {
                                 unlisted.push(name);

@@ -59,6 +59,7 @@ pub const COMMON: &[Entry] = &[
         "the dynamic loader sets the thread pointer (ARCH_SET_FS)",
     ),
     allow("brk", "malloc's main heap"),
+    allow("chdir", "os.chdir/process.chdir inside the job's own root"),
     allow(
         "chmod",
         "os.chmod, shutil.copy/copy2 and fs.chmodSync on job files",
@@ -74,6 +75,7 @@ pub const COMMON: &[Entry] = &[
         "a thread ending (Python threads, V8 and libuv workers)",
     ),
     allow("exit_group", "the process ending"),
+    allow("fchdir", "os.fchdir; stays inside the pivoted root"),
     allow(
         "fcntl",
         "fd flags (CLOEXEC, O_NONBLOCK) and sqlite's file locks",
@@ -100,6 +102,10 @@ pub const COMMON: &[Entry] = &[
         "asyncio checks its loop's owner; Node at start-up and process.pid",
     ),
     allow(
+        "getppid",
+        "os.getppid (0: the parent is outside the job's pid namespace)",
+    ),
+    allow(
         "getrandom",
         "hash seeds, os.urandom, crypto.randomBytes, V8's seeds",
     ),
@@ -122,6 +128,10 @@ pub const COMMON: &[Entry] = &[
     allow(
         "kill",
         "os.kill(os.getpid()) and process.kill(process.pid): signals to self",
+    ),
+    allow(
+        "link",
+        "os.link/fs.linkSync in the scratch dir (other filesystems: EXDEV)",
     ),
     allow(
         "lseek",
@@ -170,6 +180,7 @@ pub const COMMON: &[Entry] = &[
         "readlink",
         "resolving the interpreter's own path (/usr/bin/python3, /proc/self/exe)",
     ),
+    allow("readlinkat", "os.readlink on job files; glibc realpath"),
     allow("rename", "os.rename/shutil.move and fs.renameSync"),
     allow(
         "rmdir",
@@ -201,6 +212,10 @@ pub const COMMON: &[Entry] = &[
         "glibc registers each thread's robust futex list",
     ),
     allow("set_tid_address", "glibc start-up and each new thread"),
+    allow(
+        "symlink",
+        "os.symlink/fs.symlinkSync in the scratch dir (the job's own files)",
+    ),
     allow(
         "sysinfo",
         "glibc qsort sizes its buffer by physical memory (both at start-up)",

@@ -14,12 +14,15 @@
 
 pub mod allowlist;
 pub mod cgroup;
+pub mod landlock;
 pub mod rootfs;
 pub mod seccomp;
 pub mod spawn;
 pub mod uids;
 
 use crate::job::Language;
+use std::collections::HashMap;
+use std::ffi::CString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -92,7 +95,7 @@ impl Layers {
                 Err(r) => ("UNAVAILABLE", r.as_str()),
             };
             out.push_str(&format!(
-                "  {:<18} {:<12} {:<44} {}\n",
+                "  {:<18} {:<12} {:<48} {}\n",
                 l.name, state, l.what, detail
             ));
         }
@@ -110,6 +113,8 @@ pub struct Sandbox {
     /// clone3 namespace flags every job gets (net is added per job).
     pub namespaces: u64,
     pub net_namespace: bool,
+    /// Landlock ABI version and, per language, the files jobs may execute.
+    pub landlock: Option<(i32, HashMap<Language, Vec<CString>>)>,
     pub layers: Layers,
     pub prepared_in: Duration,
 }
@@ -196,6 +201,37 @@ impl Sandbox {
             },
         );
 
+        let landlock = match (landlock::abi(), root.mode) {
+            (Ok(abi), rootfs::RootMode::Pivot) => {
+                let mut exec = HashMap::new();
+                for language in Language::ALL {
+                    let path = match language {
+                        Language::Python3 => &config.python,
+                        Language::Nodejs => &config.node,
+                    };
+                    let mut files =
+                        vec![CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default()];
+                    if let Some(loader) = landlock::elf_loader(path) {
+                        files.push(CString::new(loader).unwrap_or_default());
+                    }
+                    exec.insert(language, files);
+                }
+                Ok((abi, exec))
+            }
+            (Ok(_), rootfs::RootMode::HostFs) => {
+                Err("needs the private root (no mount namespace)".to_owned())
+            }
+            (Err(e), _) => Err(e),
+        };
+        layers.push(
+            "landlock",
+            "writes only in /tmp, exec only the interpreter",
+            landlock
+                .as_ref()
+                .map(|(abi, _)| format!("ABI v{abi}"))
+                .map_err(Clone::clone),
+        );
+
         let cgroups = cgroup::Cgroups::detect(worker_tag);
         let (mem_status, pids_status) = match &cgroups {
             Ok(c) => (
@@ -271,6 +307,7 @@ impl Sandbox {
             cgroups: cgroups.ok(),
             namespaces,
             net_namespace,
+            landlock: landlock.ok(),
             layers,
             prepared_in: started.elapsed(),
         };

@@ -110,8 +110,9 @@ fn compile(language: Language, network: bool, extra: &[String]) -> Result<Filter
     let mut ctx = ScmpFilterContext::new(ScmpAction::Notify).map_err(build("init"))?;
     ctx.add_arch(ScmpArch::Native).map_err(build("arch"))?;
     // A call made through another ABI (int 0x80, x32) would bypass the
-    // native-number rules: kill instead.
-    ctx.set_act_badarch(ScmpAction::KillProcess)
+    // native-number rules: never allowed, reported to the supervisor like any
+    // other violation.
+    ctx.set_act_badarch(ScmpAction::Notify)
         .map_err(build("badarch"))?;
     // The child sets no_new_privs itself before loading; libseccomp must not.
     ctx.set_ctl_nnp(false).map_err(build("nnp"))?;
@@ -147,14 +148,22 @@ fn compile(language: Language, network: bool, extra: &[String]) -> Result<Filter
         )
         .map_err(build("socket"))?;
     }
-    // Threads, not processes: clone is allowed only when CLONE_THREAD is set.
+    // Threads, not processes: clone is allowed only with CLONE_THREAD set and
+    // no namespace flag (the kernel would refuse those, but say so here).
     let thread = libc::CLONE_THREAD as u64;
+    let namespaces = (libc::CLONE_NEWNS
+        | libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP) as u64;
     ctx.add_rule_conditional(
         ScmpAction::Allow,
         resolve("clone")?,
         &[ScmpArgCompare::new(
             0,
-            ScmpCompareOp::MaskedEqual(thread),
+            ScmpCompareOp::MaskedEqual(thread | namespaces),
             thread,
         )],
     )
@@ -181,10 +190,24 @@ fn compile(language: Language, network: bool, extra: &[String]) -> Result<Filter
 }
 
 /// The name of a syscall number on this architecture, for violation reports.
+/// x32 calls arrive under the native audit arch with bit 30 set: `x32:name`.
 pub fn syscall_name(nr: i32) -> String {
+    const X32_BIT: i32 = 0x4000_0000;
+    if cfg!(target_arch = "x86_64") && nr & X32_BIT != 0 {
+        return foreign_syscall_name(nr, ScmpArch::X32);
+    }
     ScmpSyscall::from(nr)
         .get_name()
         .unwrap_or_else(|_| format!("syscall_{nr}"))
+}
+
+/// The name of a call made through a foreign ABI (e.g. `int 0x80` on x86_64):
+/// `x86:write`, so a report never passes it off as the native call.
+pub fn foreign_syscall_name(nr: i32, arch: ScmpArch) -> String {
+    let name = ScmpSyscall::from(nr)
+        .get_name_by_arch(arch)
+        .unwrap_or_else(|_| format!("syscall_{nr}"));
+    format!("{}:{name}", format!("{arch:?}").to_lowercase())
 }
 
 #[cfg(test)]

@@ -23,6 +23,9 @@
 //!    read-only runtime root and detach the old root (or `chroot` where the
 //!    host gave us no mount namespace): needs CAP_SYS_ADMIN, so before the drop.
 //! 6. hostname, in the new uts namespace.
+//! 6b. for jobs with network: `lo` up and a listening socket on
+//!    127.0.0.1:3128 in the job's own network namespace (the egress relay's
+//!    door, see `runner::egress`): needs CAP_NET_ADMIN, so before the drop.
 //! 7. rlimits (CPU, file size, open files, core 0, address space, nproc): while
 //!    root, so hard limits can be set to anything.
 //! 8. `setgroups([])`, `setresgid`, `setresuid` to the job's own uid: this drops
@@ -30,6 +33,9 @@
 //! 9. `PR_SET_PDEATHSIG`: after the drop, because a credential change clears it.
 //! 10. `PR_SET_NO_NEW_PRIVS`: required to load a filter unprivileged, and no
 //!     setuid binary can regain anything.
+//! 10b. Landlock (where the kernel has it): read-only everywhere, read-write
+//!     in /tmp (the scratch dir), execute only the interpreter and its ELF
+//!     loader. Needs no_new_privs; after the root is final, so its paths hold.
 //! 11. seccomp, last, with `SECCOMP_FILTER_FLAG_NEW_LISTENER`: the listener fd is
 //!     sent to the worker and closed here. From now on only allowlisted calls
 //!     run; the only calls left before exec (`sendmsg`, `close`) are allowed.
@@ -50,12 +56,14 @@ pub enum Step {
     Mounts,
     Root,
     Hostname,
+    Network,
     Rlimits,
     Groups,
     Gid,
     Uid,
     DeathSignal,
     NoNewPrivs,
+    Landlock,
     Seccomp,
     SendListener,
     Exec,
@@ -72,12 +80,14 @@ impl Step {
             Mounts,
             Root,
             Hostname,
+            Network,
             Rlimits,
             Groups,
             Gid,
             Uid,
             DeathSignal,
             NoNewPrivs,
+            Landlock,
             Seccomp,
             SendListener,
             Exec,
@@ -131,11 +141,17 @@ pub struct ChildPlan<'a> {
     /// Working directory inside the root.
     pub workdir: &'a CStr,
     pub hostname: &'a [u8],
+    /// For jobs with network: bring up `lo` in the job's network namespace
+    /// and listen on 127.0.0.1:<port> there; the socket goes to the worker
+    /// with the seccomp listener (see `runner::egress`).
+    pub relay_port: Option<u16>,
     pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
     /// Open `cgroup.procs` files to write "0" to (each moves the writer itself).
     pub cgroup_procs: &'a [RawFd],
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
+    /// Landlock rules, when the kernel has it.
+    pub landlock: Option<&'a super::landlock::Plan<'a>>,
     pub filter: &'a libc::sock_fprog,
 }
 
@@ -363,6 +379,40 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
             );
         }
 
+        // 6b. The egress relay's socket, in the job's network namespace.
+        let mut relay: RawFd = -1;
+        if let Some(port) = plan.relay_port {
+            relay = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            step!(plan, Step::Network, relay);
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            ifr.ifr_name[0] = b'l' as libc::c_char;
+            ifr.ifr_name[1] = b'o' as libc::c_char;
+            ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            step!(
+                plan,
+                Step::Network,
+                libc::ioctl(relay, libc::SIOCSIFFLAGS, &ifr)
+            );
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            step!(
+                plan,
+                Step::Network,
+                libc::bind(
+                    relay,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+                )
+            );
+            step!(plan, Step::Network, libc::listen(relay, 64));
+        }
+
         // 7. Rlimits.
         for (resource, limit) in plan.rlimits {
             step!(plan, Step::Rlimits, libc::setrlimit(*resource, limit));
@@ -402,6 +452,14 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0)
         );
 
+        // 10b. Landlock: reads anywhere in the (read-only) root, writes only in
+        // the scratch dir, execute only the interpreter and its loader.
+        if let Some(ll) = plan.landlock {
+            if super::landlock::restrict_self(ll) == -1 {
+                fail(plan, Step::Landlock);
+            }
+        }
+
         // 11. Seccomp, with a listener for the worker's supervisor.
         let listener = libc::syscall(
             libc::SYS_seccomp,
@@ -410,12 +468,15 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
             plan.filter as *const libc::sock_fprog,
         ) as RawFd;
         step!(plan, Step::Seccomp, listener);
-        if send_fd(plan.control, listener) == -1 {
+        if send_fds(plan.control, listener, relay) == -1 {
             // Also the parent-alive check: if the worker died before step 9,
             // its end of the socket is gone and this fails.
             fail(plan, Step::SendListener);
         }
         libc::close(listener);
+        if relay != -1 {
+            libc::close(relay);
+        }
 
         // 12. Exec.
         libc::execve(
@@ -427,11 +488,12 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     }
 }
 
-/// Send one fd with SCM_RIGHTS, using only the stack. Returns -1 on error.
+/// Send `fd` (and `extra` unless -1) with SCM_RIGHTS, using only the stack.
+/// Returns -1 on error.
 ///
 /// # Safety
 /// Async-signal-safe; `sock` must be a connected unix socket.
-unsafe fn send_fd(sock: RawFd, fd: RawFd) -> isize {
+unsafe fn send_fds(sock: RawFd, fd: RawFd, extra: RawFd) -> isize {
     #[repr(C, align(8))]
     struct Cmsg([u8; 64]);
     let mut buf = Cmsg([0; 64]);
@@ -440,19 +502,21 @@ unsafe fn send_fd(sock: RawFd, fd: RawFd) -> isize {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: pointer arithmetic and stores within `buf`, sized above CMSG_SPACE(4).
+    let fds = [fd, extra];
+    let count = if extra == -1 { 1 } else { 2 };
+    let bytes = (count * std::mem::size_of::<RawFd>()) as u32;
+    // SAFETY: pointer arithmetic and stores within `buf`, sized above CMSG_SPACE(8).
     unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = buf.0.as_mut_ptr().cast();
-        msg.msg_controllen = space;
+        msg.msg_controllen = libc::CMSG_SPACE(bytes) as usize;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast::<RawFd>(), count);
         libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
     }
 }
