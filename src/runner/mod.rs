@@ -241,7 +241,7 @@ impl Runner<'_> {
         let mut envp: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
         envp.push(std::ptr::null());
 
-        let cpu_s = job.timeout_ms.div_ceil(1000) + 1;
+        let cpu_s = cpu_limit_s(job);
         let nproc = sb.config.pids_max + if cgroup.is_some() { 8 } else { 0 };
         let fsize = sb.config.scratch_mb * 1024 * 1024;
         let mut rlimits = vec![
@@ -369,6 +369,12 @@ impl Runner<'_> {
     }
 }
 
+/// RLIMIT_CPU's soft limit: the wall-clock timeout, rounded up, plus one
+/// second. A job can only reach it with several busy threads.
+fn cpu_limit_s(job: &Job) -> u64 {
+    job.timeout_ms.div_ceil(1000) + 1
+}
+
 fn signal_name(sig: i32) -> String {
     nix::sys::signal::Signal::try_from(sig)
         .map(|s| s.as_str().to_owned())
@@ -425,8 +431,7 @@ fn classify(
             )),
         )
     } else if c.signal == Some(libc::SIGXCPU)
-        || c.signal == Some(libc::SIGKILL)
-            && usage.cpu_ms / 1000 >= job.timeout_ms.div_ceil(1000) + 1
+        || (c.signal == Some(libc::SIGKILL) && usage.cpu_ms >= cpu_limit_s(job) * 1000)
     {
         (
             Status::Timeout,
