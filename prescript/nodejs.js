@@ -13,7 +13,16 @@
 'use strict';
 const sandq = (() => {
   const fs = require('fs');
-  const keyText = fs.readFileSync(3, 'latin1');
+  const vm = require('vm');
+  const userRequire = require('module').createRequire('/tmp/code.js');
+  // Streams are created on first use, which costs milliseconds: do it before
+  // waiting for the job, not after.
+  void process.stdout;
+  void process.stderr;
+  // fd 3: the key, then (when this interpreter was started ahead of its job)
+  // the preload and the code, one base64 line each. Reading it to EOF is also
+  // how a pre-started interpreter waits for its one job.
+  const parts = fs.readFileSync(3, 'latin1').split('\n');
   fs.closeSync(3);
   try {
     fs.unlinkSync(__filename);
@@ -24,27 +33,30 @@ const sandq = (() => {
     process.stderr.write('sandq: the sandbox identity check failed; refusing to run\n');
     process.exit(125);
   }
-  const key = Buffer.from(keyText, 'base64');
+  const key = Buffer.from(parts[0], 'base64');
   const reveal = (blob) => {
     const data = Buffer.from(blob, 'base64');
     for (let i = 0; i < data.length; i++) data[i] ^= key[i % key.length];
     return data.toString('utf8');
   };
+  const warm = parts.length >= 3;
   return {
     network: {{enable_network}},
-    preload: reveal('{{preload}}'),
-    code: reveal('{{code}}'),
-    require: require('module').createRequire('/tmp/code.js'),
-    vm: require('vm'),
+    preload: reveal(warm ? parts[1] : '{{preload}}'),
+    code: reveal(warm ? parts[2] : '{{code}}'),
+    require: userRequire,
+    vm,
   };
 })();
 
 // Each part runs as the body of a CommonJS module, so `require`, `module` and
-// `exports` behave as in a file, and stack traces name `<preload>`/`<code>`.
+// `exports` behave as in a file; compileFunction keeps the user's own line and
+// column numbers, and stack traces name `<preload>` and `<code>`.
 for (const [name, text] of [['<preload>', sandq.preload], ['<code>', sandq.code]]) {
   if (!text) continue;
-  const wrapper = '(function (exports, require, module, __filename, __dirname) {' + text + '\n})';
-  const fn = sandq.vm.runInThisContext(wrapper, { filename: name });
+  const fn = sandq.vm.compileFunction(text, ['exports', 'require', 'module', '__filename', '__dirname'], {
+    filename: name,
+  });
   const mod = { exports: {} };
   fn.call(mod.exports, mod.exports, sandq.require, mod, '/tmp/code.js', '/tmp');
 }

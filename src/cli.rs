@@ -30,8 +30,14 @@ pub enum CliError {
     EmbeddedRedis(String),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("bench: {0}")]
+    Bench(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Batch(#[from] crate::batch::BatchError),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
 }
 
 impl CliError {
@@ -41,6 +47,8 @@ impl CliError {
             CliError::Config(_) => 2,
             CliError::Sandbox(_) | CliError::SelfTest(_) | CliError::Run(_) => 3,
             CliError::Redis(_) | CliError::EmbeddedRedis(_) => 4,
+            CliError::Batch(e) => e.exit_code(),
+            CliError::Gateway(e) => e.exit_code(),
             _ => 1,
         }
     }
@@ -237,7 +245,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     let mut cfg = args.resolve()?;
     let started = Instant::now();
     // Everything that needs a single-threaded process happens before the runtime.
-    let (sandbox, _) = prepare_sandbox(&args.sandbox, cfg.concurrency, &cfg.worker_id)?;
+    let (sandbox, _) = prepare_sandbox(&args.sandbox, cfg.settings.sandbox.slots, &cfg.worker_id)?;
     info!(
         prepared_ms = format!("{:.1}", sandbox.prepared_in.as_secs_f64() * 1e3),
         "isolation layers:\n{}",
@@ -262,6 +270,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
         None
     };
 
+    let pool = Arc::new(start_pool(&cfg, &sandbox));
     let metrics = Arc::new(Metrics::new());
     for layer in &sandbox.layers.0 {
         metrics.layer(layer.name, layer.status.is_ok());
@@ -293,12 +302,34 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
         if cfg.demo {
             tokio::spawn(demo(cfg.redis_url.clone(), cfg.prefix.clone()));
         }
-        crate::worker::run(cfg, sandbox, metrics, readiness, shutdown).await
+        crate::worker::run(cfg, sandbox, pool, metrics, readiness, shutdown).await
     });
     drop(embedded);
     result?;
     info!("worker stopped");
     Ok(())
+}
+
+/// The warm pool: python3 always, nodejs where it is installed, each with and
+/// without network where the worker allows network.
+fn start_pool(cfg: &config::WorkerConfig, sandbox: &Arc<Sandbox>) -> crate::runner::pool::Pool {
+    let mut profiles = Vec::new();
+    for language in Language::ALL {
+        if sandbox.interpreter(language).exists() {
+            profiles.push((language, false));
+            if cfg.settings.limits.allow_network && sandbox.net_namespace {
+                profiles.push((language, true));
+            }
+        }
+    }
+    info!(size = cfg.pool_size, profiles = profiles.len(), "warm pool");
+    crate::runner::pool::Pool::start(
+        sandbox.clone(),
+        cfg.pool_size,
+        profiles,
+        cfg.settings.limits.default_memory_mb,
+        cfg.settings.limits.default_timeout_ms,
+    )
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
@@ -488,7 +519,11 @@ pub fn doctor(args: config::DoctorArgs) -> ExitCode {
 // ---------------------------------------------------------------- submit
 
 pub fn submit(args: SubmitArgs) -> Result<ExitCode, CliError> {
-    let language = config::parse_language(&args.language)?;
+    if args.batch.is_some() {
+        return Ok(crate::batch::submit(&args)?);
+    }
+    // clap requires --language whenever --batch is absent.
+    let language = config::parse_language(args.language.as_deref().unwrap_or_default())?;
     let code = config::read_code(&args.code, &args.file)?;
     let id = uuid::Uuid::new_v4().to_string();
     let mut job = serde_json::json!({
@@ -542,6 +577,26 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode, CliError> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+// ---------------------------------------------------------------- gateway
+
+pub fn gateway(args: config::GatewayArgs) -> Result<(), CliError> {
+    crate::gateway::serve_blocking(args)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- bench
+
+pub fn bench(mut args: config::BenchArgs) -> Result<(), CliError> {
+    let _embedded = if redis_answers(&args.redis) {
+        None
+    } else {
+        let r = EmbeddedRedis::start()?;
+        args.redis = r.url.clone();
+        Some(r)
+    };
+    crate::bench::run(args).map_err(|e| CliError::Bench(e.to_string()))
 }
 
 // ---------------------------------------------------------------- healthcheck

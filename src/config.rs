@@ -48,13 +48,18 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Run one snippet locally in the same sandbox, without Redis.
     Run(RunArgs),
-    /// Push one job and wait for its result.
+    /// Push one job and wait for its result, or a batch of jobs (--batch).
     Submit(SubmitArgs),
+    /// Serve the dify-sandbox HTTP API, running each request as a job on the queue.
+    Gateway(GatewayArgs),
     /// Run a snippet with a filter that records instead of killing, and print
     /// the syscalls it used that the allowlist lacks.
     Profile(RunArgs),
     /// Print every isolation layer as active or unavailable.
     Doctor(DoctorArgs),
+    /// Measure sandq (cold and warm) against the bare interpreters, through
+    /// a real Redis and a real worker process.
+    Bench(BenchArgs),
     /// GET a URL and exit 0 on a 2xx answer (for container health checks).
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:9464/readyz")]
@@ -154,6 +159,10 @@ pub struct WorkerArgs {
     /// Deliveries before a job is dead-lettered [default: 3]
     #[arg(long, env = "SANDQ_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
+    /// Pre-started interpreters kept per (language, network) profile; 0 turns
+    /// the warm pool off [default: the concurrency]
+    #[arg(long, env = "SANDQ_POOL_SIZE")]
+    pub pool_size: Option<usize>,
     /// How often the heartbeat is refreshed and the reaper runs [default: 2000]
     #[arg(long, env = "SANDQ_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -195,12 +204,14 @@ pub struct SubmitArgs {
     pub redis: String,
     #[arg(long, env = "SANDQ_PREFIX", default_value = "sandq")]
     pub prefix: String,
-    #[arg(long, short)]
-    pub language: String,
-    #[arg(long, short)]
+    /// python3 or nodejs (with --batch: the default for lines without one)
+    #[arg(long, short, required_unless_present = "batch")]
+    pub language: Option<String>,
+    #[arg(long, short, conflicts_with = "batch")]
     pub code: Option<String>,
+    #[arg(conflicts_with = "batch")]
     pub file: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, conflicts_with = "batch")]
     pub stdin: Option<String>,
     #[arg(long)]
     pub timeout_ms: Option<u64>,
@@ -209,8 +220,74 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub enable_network: bool,
     /// How long to wait for the result [default: the job's timeout + 30 s]
+    /// (with --batch: for any result while jobs are outstanding)
     #[arg(long)]
     pub wait_ms: Option<u64>,
+    /// Submit every job of a JSON-lines file (`-` for stdin), one job per line
+    #[arg(long, value_name = "JOBS.jsonl")]
+    pub batch: Option<PathBuf>,
+    /// Write the results here, one JSON per line [default: stdout]
+    #[arg(long, value_name = "RESULTS.jsonl", requires = "batch")]
+    pub out: Option<PathBuf>,
+    /// Write the results in input order instead of as they arrive
+    #[arg(long, requires = "batch")]
+    pub ordered: bool,
+    /// Skip the jobs whose results are already in --out, and append the rest
+    #[arg(long, requires = "out")]
+    pub resume: bool,
+    /// Jobs of the batch queued or running at once [default: 256]
+    #[arg(long, value_name = "N", requires = "batch")]
+    pub parallel_wait: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Address to listen on
+    #[arg(long, env = "SANDQ_GATEWAY_LISTEN", default_value = "127.0.0.1:8194")]
+    pub listen: String,
+    /// Key that clients send in X-Api-Key (required: there is no default)
+    #[arg(long, env = "SANDQ_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[arg(long, env = "SANDQ_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    #[arg(long, env = "SANDQ_PREFIX", default_value = "sandq")]
+    pub prefix: String,
+    /// Answer 503 while this many jobs or more wait in the queue
+    #[arg(long, env = "SANDQ_GATEWAY_MAX_QUEUE", default_value_t = 1000)]
+    pub max_queue: u64,
+    /// Timeout of each job
+    #[arg(long, env = "SANDQ_GATEWAY_TIMEOUT_MS", default_value_t = 5_000)]
+    pub timeout_ms: u64,
+    /// Time on top of the job's timeout that a request waits for its result
+    #[arg(long, default_value_t = 30_000)]
+    pub wait_margin_ms: u64,
+    /// Largest request body
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Time a client gets to send its request headers, and its body
+    #[arg(long, default_value_t = 10_000)]
+    pub read_timeout_ms: u64,
+    /// Pass a request's `enable_network` on to the job (the worker must allow
+    /// network too); without it, jobs run without network whatever is asked
+    #[arg(long, env = "SANDQ_GATEWAY_ALLOW_NETWORK")]
+    pub allow_network: bool,
+    /// Directories listed by /v1/sandbox/dependencies (repeatable)
+    /// [default: the dist-packages directories of /usr/bin/python3]
+    #[arg(long = "python-packages", value_delimiter = ',')]
+    pub python_packages: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Redis to run through; an embedded one is started if nothing answers.
+    #[arg(long, env = "SANDQ_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// Sequential runs per line (throughput lines run half as many per client).
+    #[arg(long, default_value_t = 100)]
+    pub runs: usize,
+    /// Parallel clients for the throughput lines.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +310,7 @@ pub struct FileConfig {
     pub max_attempts: Option<u32>,
     pub heartbeat_ms: Option<u64>,
     pub heartbeat_ttl_ms: Option<u64>,
+    pub pool_size: Option<usize>,
     pub python: Option<PathBuf>,
     pub node: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
@@ -408,6 +486,7 @@ pub struct WorkerConfig {
     pub max_attempts: u32,
     pub heartbeat_ms: u64,
     pub heartbeat_ttl_ms: u64,
+    pub pool_size: usize,
     pub settings: SandboxSettings,
 }
 
@@ -460,6 +539,19 @@ impl WorkerArgs {
             .or(file.metrics_addr.clone())
             .unwrap_or_else(|| "127.0.0.1:9464".into());
         let metrics_addr = (metrics_addr != "off").then_some(metrics_addr);
+        let pool_size = self.pool_size.or(file.pool_size).unwrap_or(concurrency);
+        // Every running job and every waiting pre-started interpreter holds a
+        // uid of its own.
+        let mut settings = self.sandbox.resolve(&file, concurrency)?;
+        let profiles = if settings.limits.allow_network { 4 } else { 2 };
+        settings.sandbox.slots = concurrency + pool_size * profiles;
+        let (first, last) = (settings.sandbox.uid_first, settings.sandbox.uid_last);
+        if ((last - first + 1) as usize) < settings.sandbox.slots {
+            return Err(ConfigError::Invalid(format!(
+                "uid_range {first}-{last} is smaller than the {} uids needed (concurrency + pool_size per profile)",
+                settings.sandbox.slots
+            )));
+        }
         let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(2_000);
         let heartbeat_ttl_ms = self
             .heartbeat_ttl_ms
@@ -489,7 +581,8 @@ impl WorkerArgs {
             max_attempts: self.max_attempts.or(file.max_attempts).unwrap_or(3).max(1),
             heartbeat_ms,
             heartbeat_ttl_ms,
-            settings: self.sandbox.resolve(&file, concurrency)?,
+            pool_size,
+            settings,
         })
     }
 }

@@ -19,9 +19,13 @@
 //! nothing of Redis; [`queue`] nothing of processes; only [`worker`] joins them.
 //! [`config`] turns flags, environment and file into settings; [`metrics`]
 //! owns the Prometheus registry and the HTTP endpoints.
+//! [`batch`] and [`gateway`] are producers (`submit --batch`; the dify-sandbox HTTP API).
 
+pub mod batch;
+pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod gateway;
 pub mod job;
 pub mod metrics;
 pub mod queue;

@@ -11,8 +11,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SANDQ_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let result = match args.command {
@@ -20,7 +22,9 @@ fn main() -> ExitCode {
         Command::Run(a) => cli::run(a, false),
         Command::Profile(a) => cli::run(a, true),
         Command::Submit(a) => cli::submit(a),
+        Command::Gateway(a) => cli::gateway(a).map(|_| ExitCode::SUCCESS),
         Command::Doctor(a) => Ok(cli::doctor(a)),
+        Command::Bench(a) => cli::bench(a).map(|_| ExitCode::SUCCESS),
         Command::Healthcheck { url } => Ok(cli::healthcheck(&url)),
     };
     result.unwrap_or_else(|e| {

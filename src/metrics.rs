@@ -130,6 +130,21 @@ impl Metrics {
             }
             m.pool_hits.with_label_values(&[l.as_str()]);
             m.pool_misses.with_label_values(&[l.as_str()]);
+            for h in [
+                &m.job_duration,
+                &m.queue_wait,
+                &m.spawn_duration,
+                &m.job_cpu,
+                &m.job_rss,
+            ] {
+                h.with_label_values(&[l.as_str()]);
+            }
+        }
+        // A job whose language is not known is rejected under "unknown".
+        m.jobs
+            .with_label_values(&["unknown", Status::Rejected.as_str()]);
+        for r in ["unreadable", "max_attempts"] {
+            m.dead_letters.with_label_values(&[r]);
         }
         for s in ["stdout", "stderr"] {
             m.output_truncated.with_label_values(&[s]);

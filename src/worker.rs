@@ -14,6 +14,7 @@ use crate::job::{self, Job, JobError, JobResult, Status};
 use crate::metrics::{Metrics, Readiness};
 use crate::queue::{now_ms, Queue, QueueError};
 use crate::runner::egress::EgressPolicy;
+use crate::runner::pool::Pool;
 use crate::runner::{Outcome, RunOptions, Runner};
 use crate::sandbox::Sandbox;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -41,6 +42,7 @@ struct Shared {
     cfg: WorkerConfig,
     queue: Queue,
     sandbox: Arc<Sandbox>,
+    pool: Arc<Pool>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     /// Read end of the kill switch: closing the write end stops every running job.
@@ -148,6 +150,7 @@ impl Backoff {
 pub async fn run(
     cfg: WorkerConfig,
     sandbox: Arc<Sandbox>,
+    pool: Arc<Pool>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
@@ -159,6 +162,7 @@ pub async fn run(
         cfg: cfg.clone(),
         queue: queue.clone(),
         sandbox,
+        pool,
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         kill_switch: kill_r,
@@ -366,6 +370,16 @@ async fn depth_reporter(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
+        for language in crate::job::Language::ALL {
+            let idle = shared
+                .pool
+                .sizes()
+                .iter()
+                .filter(|((l, _), _)| *l == language)
+                .map(|(_, n)| n)
+                .sum();
+            shared.metrics.pool_size(language, idle);
+        }
         match shared.queue.depths().await {
             Ok((q, d, p)) => {
                 redis_up(&shared);
@@ -417,6 +431,7 @@ enum Done {
 }
 
 async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> Done {
+    let taken = Instant::now();
     let cfg = shared.cfg.clone();
     let job = match job::parse(raw, &cfg.settings.limits) {
         Ok(job) => job,
@@ -544,7 +559,14 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             stderr_bytes = result.stderr.len(),
             "job finished"
         );
+        let ran = Instant::now();
         deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
+        debug!(
+            before_run_ms = (started - taken).as_secs_f64() * 1e3,
+            run_ms = (ran - started).as_secs_f64() * 1e3,
+            deliver_ms = ran.elapsed().as_secs_f64() * 1e3,
+            "where the time went"
+        );
         Done::Finished
     }
     .instrument(span)
@@ -575,11 +597,23 @@ async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String>
             cancel: Some(s.kill_switch.as_raw_fd()),
             egress: s.egress.clone(),
         };
-        Runner {
+        let runner = Runner {
             sandbox: &s.sandbox,
+        };
+        // Warm path when a pre-started interpreter fits, cold otherwise.
+        let warm = s.pool.take(&job);
+        if s.pool.eligible(&job) {
+            s.metrics.pool(job.language, warm.is_some());
         }
-        .run(&job, &opts)
-        .map_err(|e| e.to_string())
+        let outcome = match warm {
+            Some(started) => {
+                let outcome = runner.finish(started, &job, &opts);
+                s.pool.replenish();
+                outcome
+            }
+            None => runner.run(&job, &opts),
+        };
+        outcome.map_err(|e| e.to_string())
     })
     .await
     .unwrap_or_else(|e| Err(format!("the run thread failed: {e}")))

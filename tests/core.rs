@@ -142,7 +142,7 @@ fn identity_environment_and_filesystem() {
         .collect();
     assert!(
         ids.iter()
-            .all(|&u| u != 0 && u != unsafe { libc::getuid() }),
+            .all(|&u| u != 0 && u != nix::unistd::getuid().as_raw()),
         "{ids:?}"
     );
 

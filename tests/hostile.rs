@@ -30,8 +30,6 @@ enum Expect {
     Error(&'static str),
     /// `violation` naming this syscall and its number.
     Violation(&'static str, i64),
-    /// `error`: killed by this signal, which the worker did not send.
-    Killed(&'static str),
     /// `timeout` by the wall clock, soon after the deadline.
     Timeout,
     MemoryLimit,
@@ -157,15 +155,6 @@ fn check(expect: &Expect, r: &Value, job: &Value) -> Result<(), String> {
             if s(&r["error"]) != format!("blocked system call: {name}") || r["signal"] != "SIGKILL"
             {
                 return Err("expected error naming the call and SIGKILL".into());
-            }
-        }
-        Expect::Killed(sig) => {
-            expect_status(r, "error")?;
-            if r["signal"] != *sig || !r["exit_code"].is_null() || !r["violation"].is_null() {
-                return Err(format!("expected a kill by {sig}"));
-            }
-            if s(&r["error"]) != format!("killed by {sig}") {
-                return Err(format!("expected error \"killed by {sig}\""));
             }
         }
         Expect::Timeout => {

@@ -279,6 +279,18 @@ fn wait_running(c: &mut redis::Connection, p: &str, n: i64) {
     std::thread::sleep(Duration::from_millis(500));
 }
 
+/// Worker processes killed when the test ends, even when it fails.
+struct Procs(Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A redis-server of our own with AOF, so it can be killed and restarted with its data.
 struct OwnRedis {
     child: Option<std::process::Child>,
@@ -373,7 +385,7 @@ fn redis_restart_mid_run_loses_nothing() {
         .stderr(std::process::Stdio::null());
         cmd.spawn().unwrap()
     };
-    let mut workers = vec![spawn_worker(), spawn_worker()];
+    let mut workers = Procs(vec![spawn_worker(), spawn_worker()]);
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut c = client.get_connection().unwrap();
     let ids: Vec<String> = (0..200).map(|i| format!("r{i}")).collect();
@@ -395,12 +407,15 @@ fn redis_restart_mid_run_loses_nothing() {
         assert_status(&results[id], "ok");
         assert_eq!(results[id]["stdout"], format!("{i}\n"));
     }
-    for w in workers.iter_mut() {
+    for w in workers.0.iter_mut() {
         assert!(
             matches!(w.try_wait(), Ok(None)),
             "a worker exited during the outage"
         );
-        unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(w.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = w.wait();
     }
     drop(server);

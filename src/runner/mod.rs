@@ -10,6 +10,7 @@
 //! status. [`RunError`] is for the sandbox failing to start the job.
 
 pub mod egress;
+pub mod pool;
 mod prescript;
 mod supervise;
 
@@ -21,7 +22,6 @@ use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::pipe2;
 use std::ffi::CString;
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -118,16 +118,86 @@ fn rlimit(cur: u64, max: u64) -> libc::rlimit {
     }
 }
 
+/// What an interpreter is started for.
+pub struct StartSpec<'a> {
+    pub language: Language,
+    pub network: bool,
+    pub memory_mb: u64,
+    pub timeout_ms: u64,
+    /// `(preload, code)` rendered into the script (a cold start), or `None`
+    /// for an interpreter started ahead of its job, which reads them from
+    /// fd 3 when the job arrives (the warm pool).
+    pub code: Option<(&'a str, &'a str)>,
+}
+
+/// A locked-down interpreter, exec done, waiting on fd 3 (or reading it).
+pub struct Started {
+    child: spawn::Spawned,
+    listener: OwnedFd,
+    relay: Option<OwnedFd>,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    /// Write end of fd 3.
+    payload: OwnedFd,
+    rendered: prescript::Rendered,
+    cgroup: Option<crate::sandbox::cgroup::JobCgroup>,
+    // Dropped after the cgroup and the process: the scratch dir is unmounted,
+    // then the uid goes back to the pool.
+    scratch: crate::sandbox::rootfs::Scratch,
+    lease: crate::sandbox::uids::UidLease,
+    pub language: Language,
+    pub network: bool,
+    pub memory_mb: u64,
+    /// Started without code (the warm pool): the code goes on fd 3.
+    pub pre_started: bool,
+    spawn_duration: Duration,
+}
+
+impl Started {
+    /// Whether the interpreter is still alive (a pre-started one may have
+    /// been killed from outside while it waited).
+    pub fn alive(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.child.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n == 0
+    }
+
+    /// Kill and reap it (a discarded pool entry).
+    pub fn discard(self) {
+        supervise::kill_and_reap(&self.child);
+    }
+}
+
 impl Runner<'_> {
+    /// Run one job from start to end in a freshly started interpreter.
     pub fn run(&self, job: &Job, opts: &RunOptions) -> Result<Outcome, RunError> {
+        let started = self.start(&StartSpec {
+            language: job.language,
+            network: job.enable_network,
+            memory_mb: job.memory_mb,
+            timeout_ms: job.timeout_ms,
+            code: Some((&job.preload, &job.code)),
+        })?;
+        self.finish(started, job, opts)
+    }
+
+    /// Start a locked-down interpreter: everything up to and including exec.
+    pub fn start(&self, spec: &StartSpec<'_>) -> Result<Started, RunError> {
         let sb = self.sandbox;
-        if job.enable_network && !sb.net_namespace {
+        if spec.network && !sb.net_namespace {
             return Err(RunError::NoNetworkIsolation);
         }
+        let t0 = Instant::now();
         let lease = sb.uids.lease().ok_or(RunError::NoUid)?;
         let (uid, gid) = (lease.uid, lease.uid);
         let scratch = sb.root.scratch(uid, gid, sb.config.scratch_mb)?;
-        let memory_bytes = job.memory_mb * 1024 * 1024;
+        let memory_bytes = spec.memory_mb * 1024 * 1024;
         let cgroup = match &sb.cgroups {
             Some(c) => Some(
                 c.create(
@@ -143,16 +213,11 @@ impl Runner<'_> {
             None => None,
         };
 
-        // The script goes into the job's scratch dir; the key onto a pipe.
-        let rendered = prescript::render(
-            job.language,
-            uid,
-            gid,
-            job.enable_network,
-            &job.preload,
-            &job.code,
-        );
-        let ext = match job.language {
+        // The script goes into the job's scratch dir; the key (and, for a
+        // pre-started interpreter, the code) onto fd 3 later.
+        let (preload, code) = spec.code.unwrap_or(("", ""));
+        let rendered = prescript::render(spec.language, uid, gid, spec.network, preload, code);
+        let ext = match spec.language {
             Language::Python3 => "py",
             Language::Nodejs => "js",
         };
@@ -166,9 +231,6 @@ impl Runner<'_> {
             .map_err(nix_io("chown prescript"))?;
 
         let (key_r, key_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("key pipe"))?;
-        std::fs::File::from(key_w)
-            .write_all(rendered.key_b64.as_bytes())
-            .map_err(io("writing the key"))?;
         let (stdin_r, stdin_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("stdin pipe"))?;
         let (stdout_r, stdout_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("stdout pipe"))?;
         let (stderr_r, stderr_w) = pipe2(OFlag::O_CLOEXEC).map_err(nix_io("stderr pipe"))?;
@@ -193,7 +255,7 @@ impl Runner<'_> {
         } else {
             host_script.to_string_lossy().into_owned()
         };
-        let program = cstring(sb.interpreter(job.language).as_os_str().as_encoded_bytes())?;
+        let program = cstring(sb.interpreter(spec.language).as_os_str().as_encoded_bytes())?;
         let mut args: Vec<CString> = vec![program.clone()];
         let mut env: Vec<CString> = vec![
             cstring("LANG=C.UTF-8")?,
@@ -203,7 +265,7 @@ impl Runner<'_> {
             cstring(format!("USER=sandbox{uid}"))?,
             cstring(format!("LOGNAME=sandbox{uid}"))?,
         ];
-        if job.enable_network {
+        if spec.network {
             // The only way out: the egress relay on the job's own loopback.
             let proxy = format!("http://127.0.0.1:{}", egress::PROXY_PORT);
             for var in [
@@ -217,7 +279,7 @@ impl Runner<'_> {
                 env.push(cstring(format!("{var}={proxy}"))?);
             }
         }
-        match job.language {
+        match spec.language {
             Language::Python3 => {
                 for a in ["-I", "-B", "-X", "utf8"] {
                     args.push(cstring(a)?);
@@ -228,9 +290,14 @@ impl Runner<'_> {
             Language::Nodejs => {
                 // V8's heap gets most of the job's memory; the rest is code,
                 // buffers and the runtime itself, and the cgroup has the last word.
-                let heap_mb = (job.memory_mb * 3 / 4).max(16);
-                args.push(cstring(format!("--max-old-space-size={heap_mb}"))?);
+                args.push(cstring(format!(
+                    "--max-old-space-size={}",
+                    node_heap_mb(spec.memory_mb)
+                ))?);
                 args.push(cstring("--disable-proto=delete")?);
+                // No V8 background threads: they cost start-up and exit time
+                // on small machines and count against the job's pids limit.
+                args.push(cstring("--v8-pool-size=0")?);
                 env.push(cstring("UV_USE_IO_URING=0")?);
                 env.push(cstring("UV_THREADPOOL_SIZE=2")?);
             }
@@ -241,7 +308,7 @@ impl Runner<'_> {
         let mut envp: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
         envp.push(std::ptr::null());
 
-        let cpu_s = cpu_limit_s(job);
+        let cpu_s = cpu_limit_s(spec.timeout_ms);
         let nproc = sb.config.pids_max + if cgroup.is_some() { 8 } else { 0 };
         let fsize = sb.config.scratch_mb * 1024 * 1024;
         let mut rlimits = vec![
@@ -258,7 +325,7 @@ impl Runner<'_> {
             // cgroup (which reports hitting it) is the one that stops a bomb.
             (libc::RLIMIT_NPROC, rlimit(nproc, nproc)),
         ];
-        if cgroup.is_none() && job.language == Language::Python3 {
+        if cgroup.is_none() && spec.language == Language::Python3 {
             // Without a memory cgroup, the address space is the only memory
             // bound (Node cannot start under one; it keeps its heap flag).
             let bytes = memory_bytes + 64 * 1024 * 1024;
@@ -288,9 +355,9 @@ impl Runner<'_> {
         let landlock = sb
             .landlock
             .as_ref()
-            .and_then(|(abi, exec)| exec.get(&job.language).map(|files| (*abi, files)))
+            .and_then(|(abi, exec)| exec.get(&spec.language).map(|files| (*abi, files)))
             .map(|(abi, files)| crate::sandbox::landlock::Plan::new(abi, files));
-        let filter = sb.filters.get(job.language, job.enable_network);
+        let filter = sb.filters.get(spec.language, spec.network);
         let fprog = filter.fprog();
         let plan = ChildPlan {
             program: &program,
@@ -306,7 +373,7 @@ impl Runner<'_> {
             root: root_plan,
             workdir: &workdir,
             hostname: b"sandbox",
-            relay_port: job.enable_network.then_some(egress::PROXY_PORT),
+            relay_port: spec.network.then_some(egress::PROXY_PORT),
             rlimits: &rlimits,
             cgroup_procs: &cgroup_fds,
             uid,
@@ -315,43 +382,102 @@ impl Runner<'_> {
             filter: &fprog,
         };
 
-        let started = Instant::now();
+        tracing::debug!(
+            prepare_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "start: prepared"
+        );
+        let spawned_at = Instant::now();
         let child = spawn::spawn(&plan)?;
         // Our copies of the child's ends must go, or we never see EOF.
         drop((stdin_r, stdout_w, stderr_w, key_r, ctl_child, err_w));
 
-        let exec = supervise::handshake(&ctl_parent, &err_r);
-        let handover = match exec {
+        let handover = match supervise::handshake(&ctl_parent, &err_r) {
             Ok(h) => h,
             Err(e) => {
                 supervise::kill_and_reap(&child);
                 return Err(e);
             }
         };
-        let listener: OwnedFd = handover.listener;
-        let _relay = handover
-            .relay
-            .map(|fd| egress::Relay::start(std::net::TcpListener::from(fd), opts.egress.clone()));
-        let spawn_duration = started.elapsed();
-        let deadline = Instant::now() + Duration::from_millis(job.timeout_ms);
-        let capture = supervise::Supervisor {
-            child: &child,
-            listener,
+        tracing::debug!(
+            exec_ms = spawned_at.elapsed().as_secs_f64() * 1e3,
+            "start: exec done"
+        );
+        Ok(Started {
+            child,
+            listener: handover.listener,
+            relay: handover.relay,
             stdin: stdin_w,
             stdout: stdout_r,
             stderr: stderr_r,
-            input: job.stdin.as_bytes(),
+            payload: key_w,
+            rendered,
+            cgroup,
+            scratch,
+            lease,
+            language: spec.language,
+            network: spec.network,
+            memory_mb: spec.memory_mb,
+            pre_started: spec.code.is_none(),
+            spawn_duration: spawned_at.elapsed(),
+        })
+    }
+
+    /// Give `job` to a started interpreter and supervise it to the end. For
+    /// a pre-started one, the job's limits are applied first: memory on its
+    /// cgroup, CPU with prlimit; the timeout and output caps are ours anyway.
+    pub fn finish(&self, s: Started, job: &Job, opts: &RunOptions) -> Result<Outcome, RunError> {
+        let sb = self.sandbox;
+        let t_limits = Instant::now();
+        let payload = if s.pre_started {
+            s.rendered.payload(&job.preload, &job.code)
+        } else {
+            s.rendered.key_line()
+        };
+        if s.pre_started {
+            if let Some(cg) = &s.cgroup {
+                cg.set_memory(job.memory_mb * 1024 * 1024)?;
+            }
+            let cpu = cpu_limit_s(job.timeout_ms);
+            let limit = rlimit(cpu, cpu + 1);
+            // SAFETY: prlimit on our own child with a valid rlimit on the stack.
+            unsafe {
+                libc::prlimit(s.child.pid, libc::RLIMIT_CPU, &limit, std::ptr::null_mut());
+            }
+        }
+        let _relay = s
+            .relay
+            .map(|fd| egress::Relay::start(std::net::TcpListener::from(fd), opts.egress.clone()));
+        let handed_at = Instant::now();
+        let deadline = handed_at + Duration::from_millis(job.timeout_ms);
+        let capture = supervise::Supervisor {
+            child: &s.child,
+            listener: s.listener,
+            inputs: vec![
+                (s.payload, payload),
+                (s.stdin, job.stdin.as_bytes().to_vec()),
+            ],
+            stdout: s.stdout,
+            stderr: s.stderr,
             output_limit: opts.output_limit,
             deadline,
             learn: opts.learn,
             cancel: opts.cancel,
         }
         .run();
-        let duration = started.elapsed();
-        let cg = cgroup.as_ref().map(|c| c.report()).unwrap_or_default();
-        drop(cgroup);
-        drop(scratch);
-        drop(lease);
+        let duration = handed_at.elapsed();
+        let t_cg = Instant::now();
+        let cg = s.cgroup.as_ref().map(|c| c.report()).unwrap_or_default();
+        drop(s.cgroup);
+        let t_scratch = Instant::now();
+        drop(s.scratch);
+        drop(s.lease);
+        tracing::debug!(
+            limits_ms = (handed_at - t_limits).as_secs_f64() * 1e3,
+            run_ms = duration.as_secs_f64() * 1e3,
+            cgroup_ms = (t_scratch - t_cg).as_secs_f64() * 1e3,
+            scratch_ms = t_scratch.elapsed().as_secs_f64() * 1e3,
+            "finish timings"
+        );
 
         let mut usage = capture.usage;
         if let Some(peak) = cg.peak_memory_bytes {
@@ -363,16 +489,21 @@ impl Runner<'_> {
             cg,
             usage,
             duration,
-            spawn_duration,
+            s.spawn_duration,
             sb.config.pids_max,
         ))
     }
 }
 
+/// V8's old-space limit for a job's memory: three quarters of it.
+pub fn node_heap_mb(memory_mb: u64) -> u64 {
+    (memory_mb * 3 / 4).max(16)
+}
+
 /// RLIMIT_CPU's soft limit: the wall-clock timeout, rounded up, plus one
 /// second. A job can only reach it with several busy threads.
-fn cpu_limit_s(job: &Job) -> u64 {
-    job.timeout_ms.div_ceil(1000) + 1
+fn cpu_limit_s(timeout_ms: u64) -> u64 {
+    timeout_ms.div_ceil(1000) + 1
 }
 
 fn signal_name(sig: i32) -> String {
@@ -431,7 +562,7 @@ fn classify(
             )),
         )
     } else if c.signal == Some(libc::SIGXCPU)
-        || (c.signal == Some(libc::SIGKILL) && usage.cpu_ms >= cpu_limit_s(job) * 1000)
+        || (c.signal == Some(libc::SIGKILL) && usage.cpu_ms >= cpu_limit_s(job.timeout_ms) * 1000)
     {
         (
             Status::Timeout,

@@ -17,8 +17,28 @@ pub const KEY_LEN: usize = 64;
 /// A rendered script and the key that reveals its payload.
 pub struct Rendered {
     pub script: String,
-    /// Base64 of the key, as written to fd 3.
+    /// Base64 of the key, the first line written to fd 3.
     pub key_b64: String,
+    key: [u8; KEY_LEN],
+}
+
+impl Rendered {
+    /// What fd 3 carries for a script rendered with its code: the key alone.
+    pub fn key_line(&self) -> Vec<u8> {
+        self.key_b64.as_bytes().to_vec()
+    }
+
+    /// What fd 3 carries for a script rendered without code (a pre-started
+    /// interpreter): the key, the preload and the code, one line each.
+    pub fn payload(&self, preload: &str, code: &str) -> Vec<u8> {
+        format!(
+            "{}\n{}\n{}",
+            self.key_b64,
+            obfuscate(preload, &self.key),
+            obfuscate(code, &self.key)
+        )
+        .into_bytes()
+    }
 }
 
 fn obfuscate(plain: &str, key: &[u8; KEY_LEN]) -> String {
@@ -61,6 +81,7 @@ pub fn render(
     Rendered {
         script,
         key_b64: STANDARD.encode(key),
+        key,
     }
 }
 

@@ -213,14 +213,40 @@ fn set_nonblocking(fd: &OwnedFd) {
 pub struct Supervisor<'a> {
     pub child: &'a Spawned,
     pub listener: OwnedFd,
-    pub stdin: OwnedFd,
+    /// Pipes to feed, each closed once its bytes are written (fd 3's
+    /// payload, stdin).
+    pub inputs: Vec<(OwnedFd, Vec<u8>)>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
-    pub input: &'a [u8],
     pub output_limit: usize,
     pub deadline: Instant,
     pub learn: bool,
     pub cancel: Option<RawFd>,
+}
+
+/// Most pipes a job is fed through (fd 3 and stdin).
+const MAX_INPUTS: usize = 2;
+
+/// A pipe we feed, closed once everything is written (EOF for the job).
+struct Input {
+    fd: Option<OwnedFd>,
+    data: Vec<u8>,
+    written: usize,
+}
+
+impl Input {
+    fn write(&mut self) {
+        let Some(fd) = &self.fd else { return };
+        match nix::unistd::write(fd, &self.data[self.written..]) {
+            Ok(n) => self.written += n,
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
+            // EPIPE: the job closed the pipe without reading it all.
+            Err(_) => self.written = self.data.len(),
+        }
+        if self.written >= self.data.len() {
+            self.fd = None;
+        }
+    }
 }
 
 struct Stream {
@@ -263,9 +289,24 @@ impl Stream {
 
 impl Supervisor<'_> {
     pub fn run(self) -> Captured {
-        for fd in [&self.stdin, &self.stdout, &self.stderr] {
+        for fd in [&self.stdout, &self.stderr] {
             set_nonblocking(fd);
         }
+        // Inputs with nothing to write are closed at once (EOF for the job).
+        let mut inputs: Vec<Input> = self
+            .inputs
+            .into_iter()
+            .filter(|(_, data)| !data.is_empty())
+            .map(|(fd, data)| {
+                set_nonblocking(&fd);
+                Input {
+                    fd: Some(fd),
+                    data,
+                    written: 0,
+                }
+            })
+            .collect();
+        inputs.truncate(MAX_INPUTS);
         let mut out = Stream {
             fd: Some(self.stdout),
             buf: Vec::new(),
@@ -276,12 +317,6 @@ impl Supervisor<'_> {
             buf: Vec::new(),
             truncated: false,
         };
-        let mut stdin = if self.input.is_empty() {
-            None
-        } else {
-            Some(self.stdin)
-        };
-        let mut written = 0usize;
         let mut listener = Some(self.listener);
         let mut exited_at: Option<Instant> = None;
         let mut killed = false;
@@ -310,8 +345,8 @@ impl Supervisor<'_> {
                 self.deadline - now
             };
 
-            let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(6);
-            let mut slots = [usize::MAX; 6];
+            let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(6 + MAX_INPUTS);
+            let mut slots = [usize::MAX; 6 + MAX_INPUTS];
             let mut add = |slot: usize, fd: RawFd, events: i16, pfds: &mut Vec<libc::pollfd>| {
                 slots[slot] = pfds.len();
                 pfds.push(libc::pollfd {
@@ -326,8 +361,10 @@ impl Supervisor<'_> {
             if let Some(fd) = &err.fd {
                 add(1, fd.as_raw_fd(), libc::POLLIN, &mut pfds);
             }
-            if let Some(fd) = &stdin {
-                add(2, fd.as_raw_fd(), libc::POLLOUT, &mut pfds);
+            for (i, input) in inputs.iter().enumerate() {
+                if let Some(fd) = &input.fd {
+                    add(6 + i, fd.as_raw_fd(), libc::POLLOUT, &mut pfds);
+                }
             }
             if let Some(fd) = &listener {
                 add(3, fd.as_raw_fd(), libc::POLLIN, &mut pfds);
@@ -408,17 +445,9 @@ impl Supervisor<'_> {
                 killed = true;
                 kill(self.child);
             }
-            if ready(2) != 0 {
-                if let Some(fd) = &stdin {
-                    match nix::unistd::write(fd, &self.input[written..]) {
-                        Ok(n) => written += n,
-                        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
-                        // EPIPE: the job closed stdin without reading it all.
-                        Err(_) => written = self.input.len(),
-                    }
-                }
-                if written >= self.input.len() {
-                    stdin = None;
+            for (i, input) in inputs.iter_mut().enumerate() {
+                if ready(6 + i) != 0 {
+                    input.write();
                 }
             }
             if ready(5) != 0 && !killed {
@@ -433,7 +462,7 @@ impl Supervisor<'_> {
                 kill(self.child);
             }
         }
-        drop(stdin);
+        drop(inputs);
         drop(listener);
         if exited_at.is_none() {
             kill(self.child);

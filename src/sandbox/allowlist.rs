@@ -65,6 +65,10 @@ pub const COMMON: &[Entry] = &[
         "os.chmod, shutil.copy/copy2 and fs.chmodSync on job files",
     ),
     allow(
+        "clock_getres",
+        "time.get_clock_info, process.hrtime resolution",
+    ),
+    allow(
         "close",
         "closing files; also the child's last call before exec",
     ),
@@ -108,6 +112,10 @@ pub const COMMON: &[Entry] = &[
     allow(
         "getrandom",
         "hash seeds, os.urandom, crypto.randomBytes, V8's seeds",
+    ),
+    allow(
+        "getrusage",
+        "resource.getrusage, process.cpuUsage/resourceUsage: own usage",
     ),
     allow(
         "getsockname",
@@ -224,6 +232,7 @@ pub const COMMON: &[Entry] = &[
         "tgkill",
         "abort() on fatal errors (V8 heap exhaustion, os.abort), signal.raise_signal",
     ),
+    allow("times", "os.times: the job's own CPU times"),
     allow(
         "uname",
         "kernel version checks at start-up (Python, V8), os.uname, os.hostname()",

@@ -194,6 +194,35 @@ impl JobCgroup {
         self.procs.iter().map(|f| f.as_raw_fd()).collect()
     }
 
+    /// Change the memory limit (a pre-started interpreter taking a job).
+    pub fn set_memory(&self, bytes: u64) -> Result<(), CgroupError> {
+        let dir = &self.dirs[0];
+        if self.v2 {
+            return write(&dir.join("memory.max"), &bytes.to_string());
+        }
+        // v1 refuses a memsw limit below the memory limit and vice versa:
+        // order the two writes by direction.
+        let mem = dir.join("memory.limit_in_bytes");
+        let memsw = dir.join("memory.memsw.limit_in_bytes");
+        let current: u64 = fs::read_to_string(&mem)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let value = bytes.to_string();
+        if bytes >= current {
+            if memsw.exists() {
+                write(&memsw, &value)?;
+            }
+            write(&mem, &value)
+        } else {
+            write(&mem, &value)?;
+            if memsw.exists() {
+                write(&memsw, &value)?;
+            }
+            Ok(())
+        }
+    }
+
     pub fn report(&self) -> CgroupReport {
         let mem = &self.dirs[0];
         let pids = self.dirs.last().unwrap_or(mem);

@@ -10,37 +10,40 @@
 //!
 //! The order of the lock-down, and why each step sits where it does:
 //!
-//! 0. `clone3` with new pid, mount, ipc, uts (and, without network, net)
-//!    namespaces: the interpreter is pid 1 of its own tree, so killing it kills
-//!    everything it started, and it sees no host process, mount or interface.
+//! 0. `clone3` with new pid, mount, ipc, uts and net namespaces: the
+//!    interpreter is pid 1 of its own tree, so killing it kills everything it
+//!    started, and it sees no host process, mount or network interface.
 //! 1. reset the signal mask and SIGPIPE: both survive `execve`.
 //! 2. `setsid`: its own session and process group, so the worker can kill the
 //!    group and the job has no controlling terminal.
-//! 3. stdio and the key pipe onto fds 0-3; every other fd close-on-exec, so no
-//!    worker fd (Redis sockets, other jobs' pipes) reaches the interpreter.
+//! 3. stdio and the key pipe onto fds 0-3, our control fds after them
+//!    (close-on-exec), every other fd closed: no worker fd (Redis sockets,
+//!    other jobs' pipes) reaches the interpreter, or even outlives this step.
 //! 4. join the job's cgroup (memory and pids limits) while still root.
 //! 5. bind the job's scratch dir onto the root's `/tmp`, `pivot_root` into the
-//!    read-only runtime root and detach the old root (or `chroot` where the
-//!    host gave us no mount namespace): needs CAP_SYS_ADMIN, so before the drop.
+//!    read-only runtime root and detach the old root (or stay in a scratch dir
+//!    where the host gave us no mount namespace): needs CAP_SYS_ADMIN, so
+//!    before the drop.
 //! 6. hostname, in the new uts namespace.
-//! 6b. for jobs with network: `lo` up and a listening socket on
-//!    127.0.0.1:3128 in the job's own network namespace (the egress relay's
-//!    door, see `runner::egress`): needs CAP_NET_ADMIN, so before the drop.
-//! 7. rlimits (CPU, file size, open files, core 0, address space, nproc): while
+//! 7. for jobs with network: `lo` up and a listening socket on 127.0.0.1:3128
+//!    in the job's own network namespace (the egress relay's door, see
+//!    `runner::egress`): needs CAP_NET_ADMIN, so before the drop.
+//! 8. rlimits (CPU, file size, open files, core 0, address space, nproc): while
 //!    root, so hard limits can be set to anything.
-//! 8. `setgroups([])`, `setresgid`, `setresuid` to the job's own uid: this drops
+//! 9. `setgroups([])`, `setresgid`, `setresuid` to the job's own uid: this drops
 //!    every capability. gid before uid, since after the uid drop we may not.
-//! 9. `PR_SET_PDEATHSIG`: after the drop, because a credential change clears it.
-//! 10. `PR_SET_NO_NEW_PRIVS`: required to load a filter unprivileged, and no
+//! 10. `PR_SET_PDEATHSIG`: after the drop, because a credential change clears it.
+//! 11. `PR_SET_NO_NEW_PRIVS`: required to load a filter unprivileged, and no
 //!     setuid binary can regain anything.
-//! 10b. Landlock (where the kernel has it): read-only everywhere, read-write
-//!     in /tmp (the scratch dir), execute only the interpreter and its ELF
+//! 12. Landlock (where the kernel has it): read-only everywhere, read-write in
+//!     /tmp (the scratch dir), execute only the interpreter and its ELF
 //!     loader. Needs no_new_privs; after the root is final, so its paths hold.
-//! 11. seccomp, last, with `SECCOMP_FILTER_FLAG_NEW_LISTENER`: the listener fd is
-//!     sent to the worker and closed here. From now on only allowlisted calls
-//!     run; the only calls left before exec (`sendmsg`, `close`) are allowed.
-//! 12. `execve` of the interpreter: the filter traps it to the supervisor, which
-//!     lets exactly this first one through and refuses every later one.
+//! 13. seccomp, last, with `SECCOMP_FILTER_FLAG_NEW_LISTENER`: the listener fd
+//!     is sent to the worker and closed here. From now on only allowlisted
+//!     calls run; the only calls left before exec (`sendmsg`, `close`) are
+//!     allowed.
+//! 14. `execve` of the interpreter: the filter traps it to the supervisor,
+//!     which lets exactly this first one through and refuses every later one.
 
 use std::ffi::CStr;
 use std::os::fd::RawFd;
@@ -254,7 +257,7 @@ pub fn decode_error(buf: &[u8]) -> Option<SpawnError> {
 }
 
 /// Report a failed step to the parent and exit. Async-signal-safe.
-unsafe fn fail(plan: &ChildPlan<'_>, step: Step) -> ! {
+unsafe fn fail(error: RawFd, step: Step) -> ! {
     // SAFETY: __errno_location is thread-local storage of the only thread left.
     let errno = unsafe { *libc::__errno_location() };
     let mut msg = [0u8; 8];
@@ -262,7 +265,7 @@ unsafe fn fail(plan: &ChildPlan<'_>, step: Step) -> ! {
     msg[4..].copy_from_slice(&errno.to_ne_bytes());
     // SAFETY: plain write of a stack buffer, then _exit; nothing else runs.
     unsafe {
-        libc::write(plan.error, msg.as_ptr().cast(), msg.len());
+        libc::write(error, msg.as_ptr().cast(), msg.len());
         libc::_exit(127)
     }
 }
@@ -270,64 +273,87 @@ unsafe fn fail(plan: &ChildPlan<'_>, step: Step) -> ! {
 /// Check a raw call's return value; on -1 report the step and exit.
 /// Only used inside `child_main`'s unsafe block.
 macro_rules! step {
-    ($plan:expr, $step:expr, $call:expr) => {
+    ($error:expr, $step:expr, $call:expr) => {
         if $call == -1 {
-            fail($plan, $step)
+            fail($error, $step)
         }
     };
 }
 
-/// The child side of the lock-down, steps 1-12 of the module doc.
+/// The child side of the lock-down, steps 1-14 of the module doc.
 ///
 /// # Safety
 /// Must only be called in a child freshly created by `clone3` from `spawn`.
 unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
-    // SAFETY (whole body): every call below is a raw syscall or a libc wrapper
+    // SAFETY: (the whole body) every call below is a raw syscall or a libc wrapper
     // that is async-signal-safe; all pointers come from `plan`, whose memory the
     // parent keeps alive and which this forked copy of the address space holds.
     unsafe {
+        // The error pipe's fd; it moves in step 3.
+        let mut err = plan.error;
+
         // 1. Signals.
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         step!(
-            plan,
+            err,
             Step::Signals,
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut())
         );
         if libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR {
-            fail(plan, Step::Signals);
+            fail(err, Step::Signals);
         }
 
         // 2. Session and process group.
-        step!(plan, Step::Setsid, libc::setsid());
+        step!(err, Step::Setsid, libc::setsid());
 
-        // 3. Fds: move the four we keep to 0-3 through high numbers (the sources
-        // may themselves be 0-3), then mark everything above 3 close-on-exec.
-        let wanted = [plan.stdin, plan.stdout, plan.stderr, plan.key];
-        let mut high = [0 as RawFd; 4];
-        for (i, fd) in wanted.iter().enumerate() {
-            high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100);
-            step!(plan, Step::Fds, high[i]);
+        // 3. Fds. The clone copied every fd of the worker, including other
+        // jobs' pipes: close them now, not at exec, or those jobs wait for an
+        // EOF until this child has exec'd. Keep stdio and the key as 0-3, and
+        // our control fds as 4.. (close-on-exec), moving each through a high
+        // number first since a source may itself be one of the targets.
+        let mut wanted = [-1 as RawFd; 8];
+        wanted[..6].copy_from_slice(&[
+            plan.stdin,
+            plan.stdout,
+            plan.stderr,
+            plan.key,
+            plan.control,
+            plan.error,
+        ]);
+        let mut count = 6;
+        for procs in plan.cgroup_procs.iter().take(2) {
+            wanted[count] = *procs;
+            count += 1;
         }
-        for (target, fd) in high.iter().enumerate() {
-            // dup2 clears close-on-exec on the target.
-            step!(plan, Step::Fds, libc::dup2(*fd, target as RawFd));
+        let mut high = [-1 as RawFd; 8];
+        for i in 0..count {
+            high[i] = libc::fcntl(wanted[i], libc::F_DUPFD_CLOEXEC, 100);
+            step!(err, Step::Fds, high[i]);
         }
+        for (target, fd) in high.iter().enumerate().take(count) {
+            step!(err, Step::Fds, libc::dup2(*fd, target as RawFd));
+            // dup2 clears close-on-exec; only stdio and the key keep it off.
+            if target > 3 {
+                step!(
+                    err,
+                    Step::Fds,
+                    libc::fcntl(target as RawFd, libc::F_SETFD, libc::FD_CLOEXEC)
+                );
+            }
+        }
+        err = 5;
+        let control: RawFd = 4;
         step!(
-            plan,
+            err,
             Step::Fds,
-            libc::syscall(
-                libc::SYS_close_range,
-                4u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC
-            ) as i32
+            libc::syscall(libc::SYS_close_range, count as u32, u32::MAX, 0u32) as i32
         );
 
         // 4. Cgroup.
-        for procs in plan.cgroup_procs {
-            if libc::write(*procs, b"0".as_ptr().cast(), 1) != 1 {
-                fail(plan, Step::Cgroup);
+        for procs in 6..count as RawFd {
+            if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                fail(err, Step::Cgroup);
             }
         }
 
@@ -339,7 +365,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
                 scratch,
             } => {
                 step!(
-                    plan,
+                    err,
                     Step::Mounts,
                     libc::mount(
                         scratch.as_ptr(),
@@ -351,45 +377,45 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
                 );
                 // pivot_root(".", "."): the old root ends up stacked on the new
                 // one and is detached at once, so no path leads back to the host.
-                step!(plan, Step::Root, libc::chdir(root.as_ptr()));
+                step!(err, Step::Root, libc::chdir(root.as_ptr()));
                 step!(
-                    plan,
+                    err,
                     Step::Root,
                     libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32
                 );
                 step!(
-                    plan,
+                    err,
                     Step::Root,
                     libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
                 );
-                step!(plan, Step::Root, libc::chdir(c"/".as_ptr()));
-                step!(plan, Step::Root, libc::chdir(plan.workdir.as_ptr()));
+                step!(err, Step::Root, libc::chdir(c"/".as_ptr()));
+                step!(err, Step::Root, libc::chdir(plan.workdir.as_ptr()));
             }
             RootPlan::None { scratch } => {
-                step!(plan, Step::Root, libc::chdir(scratch.as_ptr()));
+                step!(err, Step::Root, libc::chdir(scratch.as_ptr()));
             }
         }
 
         // 6. Hostname.
         if plan.namespaces & libc::CLONE_NEWUTS as u64 != 0 {
             step!(
-                plan,
+                err,
                 Step::Hostname,
                 libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len())
             );
         }
 
-        // 6b. The egress relay's socket, in the job's network namespace.
+        // 7. The egress relay's socket, in the job's network namespace.
         let mut relay: RawFd = -1;
         if let Some(port) = plan.relay_port {
             relay = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            step!(plan, Step::Network, relay);
+            step!(err, Step::Network, relay);
             let mut ifr: libc::ifreq = std::mem::zeroed();
             ifr.ifr_name[0] = b'l' as libc::c_char;
             ifr.ifr_name[1] = b'o' as libc::c_char;
             ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
             step!(
-                plan,
+                err,
                 Step::Network,
                 libc::ioctl(relay, libc::SIOCSIFFLAGS, &ifr)
             );
@@ -402,7 +428,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
                 sin_zero: [0; 8],
             };
             step!(
-                plan,
+                err,
                 Step::Network,
                 libc::bind(
                     relay,
@@ -410,81 +436,81 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
                     std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
                 )
             );
-            step!(plan, Step::Network, libc::listen(relay, 64));
+            step!(err, Step::Network, libc::listen(relay, 64));
         }
 
-        // 7. Rlimits.
+        // 8. Rlimits.
         for (resource, limit) in plan.rlimits {
-            step!(plan, Step::Rlimits, libc::setrlimit(*resource, limit));
+            step!(err, Step::Rlimits, libc::setrlimit(*resource, limit));
         }
 
-        // 8. Identity: groups, then gid, then uid (which drops all capabilities).
+        // 9. Identity: groups, then gid, then uid (which drops all capabilities).
         // Raw syscalls, not the libc wrappers: glibc's setxid wrappers signal
         // every thread it knows of and wait for them under a lock, and in this
         // cloned child those threads do not exist (a deadlock seen under load).
         step!(
-            plan,
+            err,
             Step::Groups,
             libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as i32
         );
         step!(
-            plan,
+            err,
             Step::Gid,
             libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid) as i32
         );
         step!(
-            plan,
+            err,
             Step::Uid,
             libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid) as i32
         );
 
-        // 9. Die with the worker.
+        // 10. Die with the worker.
         step!(
-            plan,
+            err,
             Step::DeathSignal,
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
         );
 
-        // 10. No new privileges, ever.
+        // 11. No new privileges, ever.
         step!(
-            plan,
+            err,
             Step::NoNewPrivs,
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0)
         );
 
-        // 10b. Landlock: reads anywhere in the (read-only) root, writes only in
+        // 12. Landlock: reads anywhere in the (read-only) root, writes only in
         // the scratch dir, execute only the interpreter and its loader.
         if let Some(ll) = plan.landlock {
             if super::landlock::restrict_self(ll) == -1 {
-                fail(plan, Step::Landlock);
+                fail(err, Step::Landlock);
             }
         }
 
-        // 11. Seccomp, with a listener for the worker's supervisor.
+        // 13. Seccomp, with a listener for the worker's supervisor.
         let listener = libc::syscall(
             libc::SYS_seccomp,
             libc::SECCOMP_SET_MODE_FILTER,
             libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
             plan.filter as *const libc::sock_fprog,
         ) as RawFd;
-        step!(plan, Step::Seccomp, listener);
-        if send_fds(plan.control, listener, relay) == -1 {
+        step!(err, Step::Seccomp, listener);
+        if send_fds(control, listener, relay) == -1 {
             // Also the parent-alive check: if the worker died before step 9,
             // its end of the socket is gone and this fails.
-            fail(plan, Step::SendListener);
+            fail(err, Step::SendListener);
         }
         libc::close(listener);
         if relay != -1 {
             libc::close(relay);
         }
 
-        // 12. Exec.
+        // 14. Exec.
         libc::execve(
             plan.program.as_ptr(),
             plan.argv.as_ptr(),
             plan.envp.as_ptr(),
         );
-        fail(plan, Step::Exec)
+        fail(err, Step::Exec)
     }
 }
 

@@ -30,6 +30,12 @@ pub fn redis() -> Option<redis::Connection> {
     }
 }
 
+/// A local TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
 /// A prefix no other test or run shares.
 pub fn prefix(name: &str) -> String {
     format!(
@@ -54,17 +60,27 @@ impl Worker {
     }
 
     pub fn start_with_id(prefix: &str, id: &str, args: &[&str]) -> Worker {
+        Self::spawn(&redis_url(), prefix, id, "off", args)
+    }
+
+    /// A worker serving /metrics, /healthz and /readyz on a free local port.
+    pub fn start_with_metrics(prefix: &str, args: &[&str]) -> (Worker, u16) {
+        Self::start_with_metrics_on(&redis_url(), prefix, args)
+    }
+
+    /// The same, against the Redis at `redis`.
+    pub fn start_with_metrics_on(redis: &str, prefix: &str, args: &[&str]) -> (Worker, u16) {
+        let port = free_port();
+        let id = format!("w-{:08x}", rand::random::<u32>());
+        let addr = format!("127.0.0.1:{port}");
+        (Self::spawn(redis, prefix, &id, &addr, args), port)
+    }
+
+    fn spawn(redis: &str, prefix: &str, id: &str, metrics_addr: &str, args: &[&str]) -> Worker {
         let mut cmd = Command::new(BIN);
         cmd.arg("worker")
-            .args([
-                "--redis",
-                &redis_url(),
-                "--prefix",
-                prefix,
-                "--worker-id",
-                id,
-            ])
-            .args(["--metrics-addr", "off"])
+            .args(["--redis", redis, "--prefix", prefix, "--worker-id", id])
+            .args(["--metrics-addr", metrics_addr])
             .args(args)
             .env("SANDQ_LOG", "info")
             .env_remove("SANDQ_CONFIG")
@@ -114,6 +130,7 @@ impl Worker {
 
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
             unsafe { libc::kill(c.id() as i32, sig) };
         }
     }
