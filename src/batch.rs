@@ -967,7 +967,8 @@ impl Batch {
     }
 
     /// Push a chunk with one RPUSH, after refusing the ids a worker already
-    /// answered: it would not answer them again, and the batch would wait.
+    /// answered: a worker would answer them with the stored result instead of
+    /// running this line's job, which is rarely what a batch means.
     async fn push(&mut self, chunk: Vec<Prepared>) -> Result<(), BatchError> {
         let mut check = redis::pipe();
         for job in &chunk {
@@ -988,7 +989,7 @@ impl Batch {
                 self.bad(
                     job.line,
                     &format!(
-                        "id {:?} was answered within its result TTL already, and a worker answers an id only once; give the job a new id",
+                        "id {:?} was answered within its result TTL already, and a worker would answer this line with that stored result instead of running it; give the job a new id",
                         job.id
                     ),
                 );

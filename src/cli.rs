@@ -449,11 +449,10 @@ pub fn run(args: RunArgs, learn: bool) -> Result<ExitCode, CliError> {
 }
 
 fn print_profile(language: Language, o: &Outcome) -> ExitCode {
-    println!(
-        "status: {} (exit code {:?})",
-        o.status.as_str(),
-        o.exit_code
-    );
+    match o.exit_code {
+        Some(code) => println!("status: {}, exit code {code}", o.status.as_str()),
+        None => println!("status: {}", o.status.as_str()),
+    }
     if o.unlisted.is_empty() {
         println!("every syscall this program made is on the {language} allowlist");
         return ExitCode::SUCCESS;

@@ -12,7 +12,7 @@
 use crate::config::WorkerConfig;
 use crate::job::{self, Job, JobError, JobResult, Status};
 use crate::metrics::{Metrics, Readiness};
-use crate::queue::{now_ms, Queue, QueueError};
+use crate::queue::{now_ms, Begin, Queue, QueueError};
 use crate::runner::egress::EgressPolicy;
 use crate::runner::pool::Pool;
 use crate::runner::{Outcome, RunOptions, Runner};
@@ -391,14 +391,27 @@ async fn depth_reporter(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 /// Deliver a result, retrying through Redis outages; results are never dropped
-/// while the worker lives. Returns whether this push was the first for the id.
+/// while the worker lives. Results of jobs that ran (or were given up on) are
+/// remembered under the job id; rejections are not.
 async fn deliver(shared: &Shared, raw: &[u8], result: &JobResult, reply_key: &str, ttl_s: u64) {
-    let json = result.to_json();
+    let remember = result.status != Status::Rejected;
+    push_result(shared, raw, &result.id, &result.to_json(), reply_key, ttl_s, remember).await;
+}
+
+async fn push_result(
+    shared: &Shared,
+    raw: &[u8],
+    id: &str,
+    json: &str,
+    reply_key: &str,
+    ttl_s: u64,
+    remember: bool,
+) {
     let mut backoff = Backoff::new();
     loop {
         match shared
             .queue
-            .complete(raw, &result.id, reply_key, &json, ttl_s)
+            .complete(raw, id, reply_key, json, ttl_s, remember)
             .await
         {
             Ok(first) => {
@@ -498,7 +511,15 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             shared.metrics.job_finished(job.language.as_str(), Status::Rejected);
             return Done::Finished;
         }
-        let attempt = begin(shared, &job).await;
+        let attempt = match begin(shared, &job).await {
+            Begin::Run { attempt } => attempt.max(1),
+            Begin::Answered(stored) => {
+                // The id is an idempotency key: same id, same answer, no run.
+                info!("answered with the result already stored for this id");
+                push_result(shared, raw, &job.id, &stored, &reply_key, job.result_ttl_s, false).await;
+                return Done::Finished;
+            }
+        };
         if attempt > cfg.max_attempts {
             let reason = format!(
                 "delivered {attempt} times, more than max_attempts {}: the job keeps killing its worker",
@@ -573,13 +594,13 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
     .await
 }
 
-/// Count the delivery; if Redis is down, keep trying (the job is safe in the
-/// processing list meanwhile).
-async fn begin(shared: &Shared, job: &Job) -> u32 {
+/// Count the delivery (or find the id's stored result); if Redis is down,
+/// keep trying (the job is safe in the processing list meanwhile).
+async fn begin(shared: &Shared, job: &Job) -> Begin {
     let mut backoff = Backoff::new();
     loop {
         match shared.queue.begin(&job.id).await {
-            Ok(n) => return n.max(1),
+            Ok(b) => return b,
             Err(e) => {
                 redis_down(shared, &e);
                 tokio::time::sleep(backoff.next()).await;
@@ -602,9 +623,7 @@ async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String>
         };
         // Warm path when a pre-started interpreter fits, cold otherwise.
         let warm = s.pool.take(&job);
-        if s.pool.eligible(&job) {
-            s.metrics.pool(job.language, warm.is_some());
-        }
+        s.metrics.pool(job.language, warm.is_some());
         let outcome = match warm {
             Some(started) => {
                 let outcome = runner.finish(started, &job, &opts);

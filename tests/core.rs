@@ -376,3 +376,26 @@ fn submit_pushes_and_waits() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["stdout"], "42\n");
 }
+
+#[test]
+fn a_job_id_is_an_idempotency_key() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("idem");
+    let _w = Worker::start(&p, &["--concurrency", "1"]);
+    let job = json!({"id": "same", "language": "python3", "code": "import random\nprint(random.random())"});
+    push(&mut c, &p, &job);
+    let first = result(&mut c, &p, "same", Duration::from_secs(10));
+    assert_status(&first, "ok");
+    // The same id again: answered with the stored result, not run again.
+    push(&mut c, &p, &job);
+    let second = result(&mut c, &p, "same", Duration::from_secs(10));
+    assert_eq!(second, first);
+    // A rejection is not remembered: a corrected job may reuse its id.
+    push(&mut c, &p, &json!({"id": "fixme", "language": "python3"}));
+    assert_status(&result(&mut c, &p, "fixme", Duration::from_secs(10)), "rejected");
+    push(&mut c, &p, &json!({"id": "fixme", "language": "python3", "code": "print('fixed')"}));
+    let r = result(&mut c, &p, "fixme", Duration::from_secs(10));
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "fixed\n");
+    assert_eq!(processing_total(&mut c, &p), 0);
+}

@@ -72,15 +72,25 @@ fn chaos_kill_and_restart_workers() {
 
     // kill -9 worker A twice, restarting it each time; SIGTERM worker B.
     let mut kills = 0;
+    let mut recoveries = Vec::new();
     for round in 0..2 {
         std::thread::sleep(Duration::from_millis(1500));
+        let dead_list = format!("{p}:processing:{}", a.id);
         a.signal(libc::SIGKILL);
-        assert!(a.wait(Duration::from_secs(5)).is_none() || !a.alive());
+        let killed_at = Instant::now();
+        let orphaned = llen(&mut c, &dead_list);
+        assert!(a.wait(Duration::from_secs(5)).is_some() || !a.alive());
         kills += 1;
         a = Worker::start(&p, &args(&["--concurrency", "2"])).keep_keys();
         if round == 0 {
             b.signal(libc::SIGTERM);
         }
+        // The reaper (in the surviving workers) hands the dead one's jobs back.
+        while llen(&mut c, &dead_list) > 0 {
+            assert!(killed_at.elapsed() < Duration::from_secs(10), "never reaped");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        recoveries.push((orphaned, killed_at.elapsed()));
     }
     let code = b.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "SIGTERM: clean exit; log:\n{}", b.log());
@@ -107,7 +117,10 @@ fn chaos_kill_and_restart_workers() {
         "nothing left in processing lists"
     );
     assert_eq!(llen(&mut c, &format!("{p}:queue")), 0);
-    println!("chaos: 500 jobs, {kills} kill -9 + 1 SIGTERM, 500 results, duplicates 0, lost 0, re-run {retried}, {took:?}");
+    println!(
+        "chaos: 500 jobs, {kills} kill -9 + 1 SIGTERM, 500 results, duplicates 0, lost 0, re-run {retried}, {took:?}; \
+         reaper recovered (jobs, time after the kill, heartbeat TTL 1.5 s): {recoveries:?}"
+    );
 }
 
 #[test]

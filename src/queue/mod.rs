@@ -65,6 +65,7 @@ pub struct Queue {
     pub worker_id: String,
     client: redis::Client,
     pool: Pool,
+    begin: Script,
     complete: Script,
     dead_letter: Script,
     requeue: Script,
@@ -86,6 +87,7 @@ impl Queue {
             worker_id: worker_id.to_owned(),
             client,
             pool,
+            begin: Script::new(include_str!("begin.lua")),
             complete: Script::new(include_str!("complete.lua")),
             dead_letter: Script::new(include_str!("dead_letter.lua")),
             requeue: Script::new(include_str!("requeue.lua")),
@@ -129,20 +131,27 @@ impl Queue {
             .map_err(redis_err("fetch"))
     }
 
-    /// Count a delivery of job `id`; returns its delivery number (1 = first).
-    pub async fn begin(&self, id: &str) -> Result<u32, QueueError> {
+    /// Start a delivery of job `id`: its delivery number (1 = first), or the
+    /// result already stored for this id.
+    pub async fn begin(&self, id: &str) -> Result<Begin, QueueError> {
         let mut conn = self.conn("begin").await?;
-        redis::cmd("HINCRBY")
-            .arg(self.keys.attempts())
+        let (attempt, stored): (u32, Option<String>) = self
+            .begin
+            .key(self.keys.attempts())
+            .key(self.keys.done(id))
             .arg(id)
-            .arg(1)
-            .query_async(&mut *conn)
+            .invoke_async(&mut *conn)
             .await
-            .map_err(redis_err("begin"))
+            .map_err(redis_err("begin"))?;
+        Ok(match stored {
+            Some(result) => Begin::Answered(result),
+            None => Begin::Run { attempt },
+        })
     }
 
-    /// Push the result (once per id) and drop the job from the processing list.
-    /// Returns false when a result for this id had already been pushed.
+    /// Push the result and drop the job from the processing list. With
+    /// `remember`, the result is stored under the id and pushed only if no
+    /// result was stored before; returns false when one was.
     pub async fn complete(
         &self,
         raw: &[u8],
@@ -150,6 +159,7 @@ impl Queue {
         reply_key: &str,
         result_json: &str,
         ttl_s: u64,
+        remember: bool,
     ) -> Result<bool, QueueError> {
         let mut conn = self.conn("complete").await?;
         let pushed: i64 = self
@@ -162,6 +172,7 @@ impl Queue {
             .arg(ttl_s)
             .arg(raw)
             .arg(id)
+            .arg(if remember { "1" } else { "0" })
             .invoke_async(&mut *conn)
             .await
             .map_err(redis_err("complete"))?;
@@ -295,6 +306,15 @@ impl Queue {
             .await
             .map_err(redis_err("depth"))
     }
+}
+
+/// How a delivery starts.
+#[derive(Debug)]
+pub enum Begin {
+    /// Run the job; this is delivery number `attempt`.
+    Run { attempt: u32 },
+    /// The id already has this result: answer with it, do not run.
+    Answered(String),
 }
 
 pub fn now_ms() -> u64 {

@@ -87,9 +87,11 @@ pub struct Outcome {
     pub stderr_truncated: bool,
     pub error: Option<String>,
     pub violation: Option<Violation>,
-    /// Wall time from spawn to reap.
+    /// Wall time from handing the job over (exec done, or the code written
+    /// to a pre-started interpreter) to the reap.
     pub duration: Duration,
-    /// From clone to the interpreter running (exec done).
+    /// From clone to exec done (for a pre-started interpreter: when it was
+    /// started, ahead of the job).
     pub spawn_duration: Duration,
     pub usage: Usage,
     /// Learning mode: unlisted syscalls the job made, in first-seen order.

@@ -112,8 +112,7 @@ pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<Handover, RunError>
         }
     }
     let mut received = received.into_iter();
-    let relay_fd = None;
-    let (Some(listener), relay) = (received.next(), received.next().or(relay_fd)) else {
+    let (Some(listener), relay) = (received.next(), received.next()) else {
         return Err(broken("the child closed the control socket"));
     };
 

@@ -86,6 +86,34 @@ impl Layers {
         self.0.iter().any(|l| l.name == name && l.status.is_ok())
     }
 
+    /// Fail on the first required layer (by name, or `all`) that is not
+    /// active; an unknown name is an error too, so a typo never passes.
+    pub fn require(&self, required: &[String]) -> Result<(), SandboxError> {
+        for wanted in required {
+            if wanted != "all" && !self.0.iter().any(|l| l.name == wanted) {
+                let known: Vec<&str> = self.0.iter().map(|l| l.name).collect();
+                return Err(SandboxError::Required {
+                    layer: "unknown",
+                    reason: format!(
+                        "no layer is called {wanted:?} (layers: {})",
+                        known.join(", ")
+                    ),
+                });
+            }
+            for layer in &self.0 {
+                if let (true, Err(reason)) =
+                    (wanted == "all" || wanted == layer.name, &layer.status)
+                {
+                    return Err(SandboxError::Required {
+                        layer: layer.name,
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A fixed-width table, one line per layer.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -316,18 +344,7 @@ impl Sandbox {
     }
 
     fn check_required(&self) -> Result<(), SandboxError> {
-        for wanted in &self.config.require_layers {
-            for layer in &self.layers.0 {
-                let matches = wanted == "all" || wanted == layer.name;
-                if let (true, Err(reason)) = (matches, &layer.status) {
-                    return Err(SandboxError::Required {
-                        layer: layer.name,
-                        reason: reason.clone(),
-                    });
-                }
-            }
-        }
-        Ok(())
+        self.layers.require(&self.config.require_layers)
     }
 
     pub fn interpreter(&self, language: Language) -> &std::path::Path {
@@ -335,5 +352,31 @@ impl Sandbox {
             Language::Python3 => &self.config.python,
             Language::Nodejs => &self.config.node,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers() -> Layers {
+        let mut l = Layers::default();
+        l.push("seccomp", "", Ok("on".into()));
+        l.push("landlock", "", Err("not enabled in this kernel".into()));
+        l
+    }
+
+    #[test]
+    fn required_layers() {
+        let l = layers();
+        assert!(l.require(&["seccomp".into()]).is_ok());
+        let err = l.require(&["landlock".into()]).unwrap_err().to_string();
+        assert!(
+            err.contains("landlock") && err.contains("not enabled"),
+            "{err}"
+        );
+        assert!(l.require(&["all".into()]).is_err());
+        let err = l.require(&["seccmop".into()]).unwrap_err().to_string();
+        assert!(err.contains("no layer is called"), "{err}");
     }
 }
