@@ -395,7 +395,16 @@ async fn depth_reporter(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// remembered under the job id; rejections are not.
 async fn deliver(shared: &Shared, raw: &[u8], result: &JobResult, reply_key: &str, ttl_s: u64) {
     let remember = result.status != Status::Rejected;
-    push_result(shared, raw, &result.id, &result.to_json(), reply_key, ttl_s, remember).await;
+    push_result(
+        shared,
+        raw,
+        &result.id,
+        &result.to_json(),
+        reply_key,
+        ttl_s,
+        remember,
+    )
+    .await;
 }
 
 async fn push_result(

@@ -392,10 +392,95 @@ fn a_job_id_is_an_idempotency_key() {
     assert_eq!(second, first);
     // A rejection is not remembered: a corrected job may reuse its id.
     push(&mut c, &p, &json!({"id": "fixme", "language": "python3"}));
-    assert_status(&result(&mut c, &p, "fixme", Duration::from_secs(10)), "rejected");
-    push(&mut c, &p, &json!({"id": "fixme", "language": "python3", "code": "print('fixed')"}));
+    assert_status(
+        &result(&mut c, &p, "fixme", Duration::from_secs(10)),
+        "rejected",
+    );
+    push(
+        &mut c,
+        &p,
+        &json!({"id": "fixme", "language": "python3", "code": "print('fixed')"}),
+    );
     let r = result(&mut c, &p, "fixme", Duration::from_secs(10));
     assert_status(&r, "ok");
     assert_eq!(r["stdout"], "fixed\n");
     assert_eq!(processing_total(&mut c, &p), 0);
+}
+
+#[test]
+fn real_code_works_under_the_default_allowlist() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("realcode");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+    let cases = [
+        (
+            "threads",
+            "import threading\nout = []\nts = [threading.Thread(target=out.append, args=(i,)) for i in range(8)]\n[t.start() for t in ts]\n[t.join() for t in ts]\nprint(sorted(out))",
+            "[0, 1, 2, 3, 4, 5, 6, 7]\n",
+        ),
+        (
+            "asyncio",
+            "import asyncio\nasync def f(x):\n    await asyncio.sleep(0.01)\n    return x * 2\nasync def main():\n    return await asyncio.gather(*(f(i) for i in range(3)))\nprint(asyncio.run(main()))",
+            "[0, 2, 4]\n",
+        ),
+        (
+            "zoneinfo",
+            "from zoneinfo import ZoneInfo\nfrom datetime import datetime\nprint(datetime(2024, 7, 1, 12, tzinfo=ZoneInfo('Europe/Paris')).utcoffset())",
+            "2:00:00\n",
+        ),
+        ("decimal", "from decimal import Decimal\nprint(Decimal('0.1') + Decimal('0.2'))", "0.3\n"),
+        (
+            "sqlite3",
+            "import sqlite3\nc = sqlite3.connect(':memory:')\nc.execute('create table t(x)')\nc.executemany('insert into t values (?)', [(1,), (2,)])\nprint(c.execute('select sum(x) from t').fetchone()[0])",
+            "3\n",
+        ),
+        (
+            "numpy",
+            "import numpy as np\na = np.arange(9, dtype=float).reshape(3, 3)\nprint(int((a @ a).sum()))",
+            "486\n",
+        ),
+        (
+            "concurrent.futures",
+            "from concurrent.futures import ThreadPoolExecutor\nwith ThreadPoolExecutor(4) as ex:\n    print(sum(ex.map(lambda x: x * x, range(10))))",
+            "285\n",
+        ),
+        ("files in scratch", "import tempfile, os\nwith tempfile.TemporaryDirectory() as d:\n    open(os.path.join(d, 'a'), 'w').write('x')\n    print(os.listdir(d))", "['a']\n"),
+    ];
+    for (name, code, want) in cases {
+        let r = py(&mut c, &p, code);
+        assert_status(&r, "ok");
+        assert_eq!(r["stdout"], want, "{name}: {r}");
+    }
+}
+
+#[test]
+fn preload_runs_inside_the_lock_down() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("preload");
+    let _w = Worker::start(&p, &["--concurrency", "1"]);
+    // The preload runs as the job's uid, and its effects reach the code.
+    let r = run_job(
+        &mut c,
+        &p,
+        json!({"preload": "import os\nPRELOADED_BY = os.getuid()", "code": "print(PRELOADED_BY != 0)"}),
+    );
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "True\n");
+    // A preload that tries what user code may not is stopped the same way
+    // (the seed's first security report was a preload that ran unfiltered).
+    let r = run_job(
+        &mut c,
+        &p,
+        json!({"preload": "import socket\nsocket.socket()", "code": "print('code ran')"}),
+    );
+    assert_status(&r, "violation");
+    assert_eq!(r["violation"]["syscall"], "socket");
+    assert_eq!(r["stdout"], "");
+    let r = run_job(
+        &mut c,
+        &p,
+        json!({"preload": "import os\nos.fork()", "code": "print('code ran')"}),
+    );
+    assert_status(&r, "violation");
+    assert_eq!(r["violation"]["syscall"], "clone");
 }

@@ -87,7 +87,10 @@ fn chaos_kill_and_restart_workers() {
         }
         // The reaper (in the surviving workers) hands the dead one's jobs back.
         while llen(&mut c, &dead_list) > 0 {
-            assert!(killed_at.elapsed() < Duration::from_secs(10), "never reaped");
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(10),
+                "never reaped"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         recoveries.push((orphaned, killed_at.elapsed()));

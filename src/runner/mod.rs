@@ -358,7 +358,14 @@ impl Runner<'_> {
             .landlock
             .as_ref()
             .and_then(|(abi, exec)| exec.get(&spec.language).map(|files| (*abi, files)))
-            .map(|(abi, files)| crate::sandbox::landlock::Plan::new(abi, files));
+            .map(|(abi, files)| {
+                let writable = if pivot {
+                    c"/tmp"
+                } else {
+                    scratch.c_path.as_c_str()
+                };
+                crate::sandbox::landlock::Plan::new(abi, files, writable)
+            });
         let filter = sb.filters.get(spec.language, spec.network);
         let fprog = filter.fprog();
         let plan = ChildPlan {

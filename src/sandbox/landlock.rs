@@ -4,7 +4,8 @@
 //!
 //! Policy, in paths inside the job's root:
 //! - `/`: read files and list directories (the root is read-only anyway);
-//! - `/tmp` (the job's scratch dir): read, write, create, remove;
+//! - `/tmp` (the job's scratch dir; its host path where the host gave no
+//!   private root): read, write, create, remove;
 //! - `/dev/null`: read and write;
 //! - the interpreter and its ELF loader: execute. Nothing else may be
 //!   executed, even if seccomp let a second `execve` through.
@@ -47,6 +48,9 @@ pub struct Plan<'a> {
     file_rights: u64,
     tmp_rights: u64,
     exec: &'a [CString],
+    /// The job's writable dir: `/tmp` in the private root, the scratch dir's
+    /// host path where there is none.
+    scratch: &'a CStr,
 }
 
 /// The kernel's Landlock ABI version, or why it is unavailable.
@@ -93,8 +97,9 @@ pub fn elf_loader(binary: &Path) -> Option<String> {
 }
 
 impl<'a> Plan<'a> {
-    /// Rules for ABI `abi`, executing only `exec` (absolute paths in the root).
-    pub fn new(abi: i32, exec: &'a [CString]) -> Plan<'a> {
+    /// Rules for ABI `abi`, executing only `exec` (absolute paths as the job
+    /// sees them) and writing only under `scratch`.
+    pub fn new(abi: i32, exec: &'a [CString], scratch: &'a CStr) -> Plan<'a> {
         let mut handled = (1u64 << 13) - 1;
         let mut file_rights = READ_FILE | WRITE_FILE;
         if abi >= 2 {
@@ -124,6 +129,7 @@ impl<'a> Plan<'a> {
             file_rights,
             tmp_rights,
             exec,
+            scratch,
         }
     }
 }
@@ -173,7 +179,7 @@ pub unsafe fn restrict_self(plan: &Plan<'_>) -> libc::c_long {
             return -1;
         }
         let ok = add(ruleset, c"/", READ_FILE | READ_DIR) != -1
-            && add(ruleset, c"/tmp", plan.tmp_rights) != -1
+            && add(ruleset, plan.scratch, plan.tmp_rights) != -1
             && add(ruleset, c"/dev/null", plan.file_rights) != -1
             && plan
                 .exec
