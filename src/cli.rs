@@ -328,7 +328,9 @@ fn start_pool(cfg: &config::WorkerConfig, sandbox: &Arc<Sandbox>) -> crate::runn
         cfg.pool_size,
         profiles,
         cfg.settings.limits.default_memory_mb,
-        cfg.settings.limits.default_timeout_ms,
+        // Started ahead of their job, they get the CPU limit of the longest
+        // job they may serve.
+        cfg.settings.limits.max_timeout_ms,
     )
 }
 

@@ -432,8 +432,12 @@ impl Runner<'_> {
     }
 
     /// Give `job` to a started interpreter and supervise it to the end. For
-    /// a pre-started one, the job's limits are applied first: memory on its
-    /// cgroup, CPU with prlimit; the timeout and output caps are ours anyway.
+    /// a pre-started one, the job's memory limit is set on its cgroup first;
+    /// the timeout and output caps are the supervisor's anyway. Its CPU-time
+    /// rlimit stays the one it started with (the worker's longest timeout):
+    /// changing another process's limits needs CAP_SYS_RESOURCE, which
+    /// container runtimes often withhold, and the wall-clock timeout is the
+    /// per-job bound.
     pub fn finish(&self, s: Started, job: &Job, opts: &RunOptions) -> Result<Outcome, RunError> {
         let sb = self.sandbox;
         let t_limits = Instant::now();
@@ -445,12 +449,6 @@ impl Runner<'_> {
         if s.pre_started {
             if let Some(cg) = &s.cgroup {
                 cg.set_memory(job.memory_mb * 1024 * 1024)?;
-            }
-            let cpu = cpu_limit_s(job.timeout_ms);
-            let limit = rlimit(cpu, cpu + 1);
-            // SAFETY: prlimit on our own child with a valid rlimit on the stack.
-            unsafe {
-                libc::prlimit(s.child.pid, libc::RLIMIT_CPU, &limit, std::ptr::null_mut());
             }
         }
         let _relay = s
