@@ -48,11 +48,24 @@
 use std::ffi::CStr;
 use std::os::fd::RawFd;
 
-/// Steps of the child, as reported through the error pipe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Step {
-    Signals = 1,
+/// Declares `Step` and `Step::ALL` from one list, in lock-down order.
+macro_rules! steps {
+    ($($name:ident),+ $(,)?) => {
+        /// Steps of the child, as reported through the error pipe.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Step {
+            $($name),+
+        }
+
+        impl Step {
+            const ALL: &'static [Step] = &[$(Step::$name),+];
+        }
+    };
+}
+
+steps!(
+    Signals,
     Setsid,
     Fds,
     Cgroup,
@@ -70,33 +83,11 @@ pub enum Step {
     Seccomp,
     SendListener,
     Exec,
-}
+);
 
 impl Step {
     fn from_u32(v: u32) -> Option<Step> {
-        use Step::*;
-        [
-            Signals,
-            Setsid,
-            Fds,
-            Cgroup,
-            Mounts,
-            Root,
-            Hostname,
-            Network,
-            Rlimits,
-            Groups,
-            Gid,
-            Uid,
-            DeathSignal,
-            NoNewPrivs,
-            Landlock,
-            Seccomp,
-            SendListener,
-            Exec,
-        ]
-        .into_iter()
-        .find(|s| *s as u32 == v)
+        Step::ALL.get(v as usize).copied()
     }
 }
 
@@ -544,5 +535,27 @@ unsafe fn send_fds(sock: RawFd, fd: RawFd, extra: RawFd) -> isize {
         (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as usize;
         std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast::<RawFd>(), count);
         libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_errors_name_their_step() {
+        for step in Step::ALL {
+            let mut buf = [0u8; 8];
+            buf[..4].copy_from_slice(&(*step as u32).to_ne_bytes());
+            buf[4..].copy_from_slice(&libc::EPERM.to_ne_bytes());
+            match decode_error(&buf) {
+                Some(SpawnError::ChildStep { step: got, source }) => {
+                    assert_eq!(got, *step);
+                    assert_eq!(source.raw_os_error(), Some(libc::EPERM));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(decode_error(&[1, 2, 3]).is_none());
     }
 }
