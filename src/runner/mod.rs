@@ -333,7 +333,6 @@ impl Runner<'_> {
             let bytes = memory_bytes + 64 * 1024 * 1024;
             rlimits.push((libc::RLIMIT_AS, rlimit(bytes, bytes)));
         }
-        let cgroup_fds = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
 
         let root_c = cstring(sb.root.root.as_os_str().as_encoded_bytes())?;
         let root_tmp_c = cstring(sb.root.root.join("tmp").as_os_str().as_encoded_bytes())?;
@@ -384,7 +383,6 @@ impl Runner<'_> {
             hostname: b"sandbox",
             relay_port: spec.network.then_some(egress::PROXY_PORT),
             rlimits: &rlimits,
-            cgroup_procs: &cgroup_fds,
             uid,
             gid,
             landlock: landlock.as_ref(),
@@ -407,6 +405,15 @@ impl Runner<'_> {
                 return Err(e);
             }
         };
+        // Into the job's cgroup while the interpreter starts up: the kernel's
+        // wait for the move overlaps that start-up, and the job's code comes
+        // on fd 3 only after this (see sandbox::spawn, step 4).
+        if let Some(cg) = &cgroup {
+            if let Err(e) = cg.attach(child.pid) {
+                supervise::kill_and_reap(&child);
+                return Err(e.into());
+            }
+        }
         tracing::debug!(
             exec_ms = spawned_at.elapsed().as_secs_f64() * 1e3,
             "start: exec done"

@@ -1,15 +1,13 @@
 //! Per-job memory and pids limits through cgroups, v2 or v1, whichever the host has.
 //!
 //! Each job gets a cgroup of its own under `<hierarchy>/sandq/<worker>/`, made
-//! before the spawn and removed after the reap. The parent opens
-//! `cgroup.procs` and the child writes "0" to it (moving itself) before it
-//! drops root, so the interpreter never runs a single instruction outside the
-//! limits. A kill by the memory controller is read back from `oom_kill` in
+//! before the spawn and removed after the reap. The parent moves the child in
+//! (see `sandbox::spawn`, step 4) before handing over the job's code. A kill by the memory controller is read back from `oom_kill` in
 //! `memory.events` (v2) or `memory.oom_control` (v1) to report `memory_limit`.
 //! Only cgroups this worker created are ever touched.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -189,9 +187,15 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
 }
 
 impl JobCgroup {
-    /// The `cgroup.procs` fds the child writes "0" to.
-    pub fn procs_fds(&self) -> Vec<RawFd> {
-        self.procs.iter().map(|f| f.as_raw_fd()).collect()
+    /// Move process `pid` (all its threads) into the job's cgroup(s).
+    pub fn attach(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
+        let value = pid.to_string();
+        for (file, dir) in self.procs.iter().zip(&self.dirs) {
+            (&*file)
+                .write_all(value.as_bytes())
+                .map_err(io_err(&dir.join("cgroup.procs")))?;
+        }
+        Ok(())
     }
 
     /// Change the memory limit (a pre-started interpreter taking a job).

@@ -19,7 +19,11 @@
 //! 3. stdio and the key pipe onto fds 0-3, our control fds after them
 //!    (close-on-exec), every other fd closed: no worker fd (Redis sockets,
 //!    other jobs' pipes) reaches the interpreter, or even outlives this step.
-//! 4. join the job's cgroup (memory and pids limits) while still root.
+//! 4. the cgroup (memory and pids limits) is joined, but by the parent, after
+//!    exec and before the job's code is handed over on fd 3: moving a task
+//!    into a cgroup waits for an RCU grace period in the kernel (~10 ms), which
+//!    this way overlaps the interpreter's start-up instead of adding to it.
+//!    The interpreter's own start-up is all that runs outside the cgroup.
 //! 5. bind the job's scratch dir onto the root's `/tmp`, `pivot_root` into the
 //!    read-only runtime root and detach the old root (or stay in a scratch dir
 //!    where the host gave us no mount namespace): needs CAP_SYS_ADMIN, so
@@ -68,7 +72,6 @@ steps!(
     Signals,
     Setsid,
     Fds,
-    Cgroup,
     Mounts,
     Root,
     Hostname,
@@ -140,8 +143,6 @@ pub struct ChildPlan<'a> {
     /// with the seccomp listener (see `runner::egress`).
     pub relay_port: Option<u16>,
     pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
-    /// Open `cgroup.procs` files to write "0" to (each moves the writer itself).
-    pub cgroup_procs: &'a [RawFd],
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
     /// Landlock rules, when the kernel has it.
@@ -303,26 +304,20 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         // EOF until this child has exec'd. Keep stdio and the key as 0-3, and
         // our control fds as 4.. (close-on-exec), moving each through a high
         // number first since a source may itself be one of the targets.
-        let mut wanted = [-1 as RawFd; 8];
-        wanted[..6].copy_from_slice(&[
+        let wanted = [
             plan.stdin,
             plan.stdout,
             plan.stderr,
             plan.key,
             plan.control,
             plan.error,
-        ]);
-        let mut count = 6;
-        for procs in plan.cgroup_procs.iter().take(2) {
-            wanted[count] = *procs;
-            count += 1;
-        }
-        let mut high = [-1 as RawFd; 8];
-        for i in 0..count {
-            high[i] = libc::fcntl(wanted[i], libc::F_DUPFD_CLOEXEC, 100);
+        ];
+        let mut high = [-1 as RawFd; 6];
+        for (i, fd) in wanted.iter().enumerate() {
+            high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100);
             step!(err, Step::Fds, high[i]);
         }
-        for (target, fd) in high.iter().enumerate().take(count) {
+        for (target, fd) in high.iter().enumerate() {
             step!(err, Step::Fds, libc::dup2(*fd, target as RawFd));
             // dup2 clears close-on-exec; only stdio and the key keep it off.
             if target > 3 {
@@ -338,15 +333,8 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         step!(
             err,
             Step::Fds,
-            libc::syscall(libc::SYS_close_range, count as u32, u32::MAX, 0u32) as i32
+            libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32) as i32
         );
-
-        // 4. Cgroup.
-        for procs in 6..count as RawFd {
-            if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-                fail(err, Step::Cgroup);
-            }
-        }
 
         // 5. Root.
         match plan.root {
