@@ -347,10 +347,15 @@ impl Runner<'_> {
                 scratch: &scratch.c_path,
             }
         };
-        // Every job gets a network namespace of its own, network or not: with
-        // network, its only interface is `lo` and the egress relay on it.
+        // No job shares the host's network: a job with network gets a
+        // namespace of its own whose only interface is `lo` with the egress
+        // relay on it; the others join one empty namespace (see spawn, step 0).
         let mut namespaces = sb.namespaces;
-        if sb.net_namespace {
+        let join_net = match (&sb.shared_netns, spec.network) {
+            (Some(netns), false) => Some(netns.as_raw_fd()),
+            _ => None,
+        };
+        if sb.net_namespace && join_net.is_none() {
             namespaces |= libc::CLONE_NEWNET as u64;
         }
         let landlock = sb
@@ -378,6 +383,7 @@ impl Runner<'_> {
             control: ctl_child.as_raw_fd(),
             error: err_w.as_raw_fd(),
             namespaces,
+            join_net,
             root: root_plan,
             workdir: &workdir,
             hostname: b"sandbox",

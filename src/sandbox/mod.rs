@@ -141,6 +141,8 @@ pub struct Sandbox {
     /// clone3 namespace flags every job gets (net is added per job).
     pub namespaces: u64,
     pub net_namespace: bool,
+    /// The empty network namespace jobs without network join.
+    pub shared_netns: Option<std::os::fd::OwnedFd>,
     /// Landlock ABI version and, per language, the files jobs may execute.
     pub landlock: Option<(i32, HashMap<Language, Vec<CString>>)>,
     pub layers: Layers,
@@ -203,10 +205,21 @@ impl Sandbox {
         }
         let net = probe_clone(libc::CLONE_NEWNET as u64);
         let net_namespace = net.is_ok();
+        let shared_netns = if net_namespace {
+            spawn::hold_namespace(libc::CLONE_NEWNET as u64, "net").ok()
+        } else {
+            None
+        };
         layers.push(
             "net namespace",
-            "no interfaces at all when network is off",
-            net.map(|_| "jobs without network".to_owned()),
+            "never the host's network; lo + egress relay",
+            net.map(|_| {
+                if shared_netns.is_some() {
+                    "shared empty one without network".to_owned()
+                } else {
+                    "one per job".to_owned()
+                }
+            }),
         );
 
         let mounts = namespaces & libc::CLONE_NEWNS as u64 != 0;
@@ -334,6 +347,7 @@ impl Sandbox {
             cgroups: cgroups.ok(),
             namespaces,
             net_namespace,
+            shared_netns,
             landlock: landlock.ok(),
             layers,
             prepared_in: started.elapsed(),

@@ -12,7 +12,11 @@
 //!
 //! 0. `clone3` with new pid, mount, ipc, uts and net namespaces: the
 //!    interpreter is pid 1 of its own tree, so killing it kills everything it
-//!    started, and it sees no host process, mount or network interface.
+//!    started, and it sees no host process, mount or network interface. Jobs
+//!    without network join one empty network namespace made at start-up
+//!    instead of a new one each (creating and destroying a network namespace
+//!    costs the kernel about a millisecond; those jobs cannot open a socket,
+//!    so they have nothing to share in it).
 //! 1. reset the signal mask and SIGPIPE: both survive `execve`.
 //! 2. `setsid`: its own session and process group, so the worker can kill the
 //!    group and the job has no controlling terminal.
@@ -134,6 +138,9 @@ pub struct ChildPlan<'a> {
     /// Write end of the close-on-exec error pipe.
     pub error: RawFd,
     pub namespaces: u64,
+    /// A network namespace to join instead of creating one (jobs without
+    /// network share one empty namespace: they cannot open sockets at all).
+    pub join_net: Option<RawFd>,
     pub root: RootPlan<'a>,
     /// Working directory inside the root.
     pub workdir: &'a CStr,
@@ -235,6 +242,43 @@ pub fn probe(flags: u64) -> Result<(), std::io::Error> {
     }
 }
 
+/// A namespace of kind `flag` (e.g. `CLONE_NEWNET`) kept alive by an open fd:
+/// a child is cloned into a new one, the namespace is opened through /proc,
+/// and the child is killed.
+pub fn hold_namespace(flag: u64, proc_name: &str) -> Result<std::os::fd::OwnedFd, std::io::Error> {
+    let args = CloneArgs {
+        flags: flag,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: the child branch only waits for a signal (pause is
+    // async-signal-safe) until the parent kills it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => loop {
+            // SAFETY: in the child: pause until the parent's SIGKILL.
+            unsafe { libc::pause() };
+        },
+        pid => {
+            let opened = std::fs::File::open(format!("/proc/{pid}/ns/{proc_name}"));
+            // SAFETY: kill and reap the child we just created.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                let mut status = 0;
+                libc::waitpid(pid as libc::pid_t, &mut status, 0);
+            }
+            opened.map(std::os::fd::OwnedFd::from)
+        }
+    }
+}
+
 /// Decode what the child wrote to the error pipe, if anything.
 pub fn decode_error(buf: &[u8]) -> Option<SpawnError> {
     if buf.len() < 8 {
@@ -294,6 +338,11 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         );
         if libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR {
             fail(err, Step::Signals);
+        }
+
+        // 1b. The shared empty network namespace, for jobs without network.
+        if let Some(netns) = plan.join_net {
+            step!(err, Step::Network, libc::setns(netns, libc::CLONE_NEWNET));
         }
 
         // 2. Session and process group.
