@@ -8,6 +8,13 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    if matches!(args.command, Command::Doctor(_) | Command::Profile(_)) {
+        // Report commands: `sandq doctor | head` should end quietly, as
+        // other Unix tools do, not panic on a closed stdout. (Everything that
+        // talks to sockets keeps SIGPIPE ignored and sees EPIPE instead.)
+        // SAFETY: restoring a default disposition, before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SANDQ_LOG")
