@@ -200,19 +200,13 @@ impl Runner<'_> {
         let (uid, gid) = (lease.uid, lease.uid);
         let scratch = sb.root.scratch(uid, gid, sb.config.scratch_mb)?;
         let memory_bytes = spec.memory_mb * 1024 * 1024;
-        let cgroup = match &sb.cgroups {
-            Some(c) => Some(
-                c.create(
-                    scratch
-                        .path
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .unwrap_or("job"),
-                    memory_bytes,
-                    sb.config.pids_max,
-                )?,
-            ),
-            None => None,
+        let cgroup = match (&sb.cgroups, &sb.slots) {
+            (Some(c), Some(_)) => Some(c.job_in_slot(uid, memory_bytes, sb.config.pids_max)?),
+            (Some(c), None) => {
+                let name = scratch.path.file_name().and_then(|n| n.to_str());
+                Some(c.create(name.unwrap_or("job"), memory_bytes, sb.config.pids_max)?)
+            }
+            (None, _) => None,
         };
 
         // The script goes into the job's scratch dir; the key (and, for a
@@ -400,7 +394,12 @@ impl Runner<'_> {
             "start: prepared"
         );
         let spawned_at = Instant::now();
-        let child = spawn::spawn(&plan)?;
+        // Cloned from the uid's slot thread where there is one: the child is
+        // then born in its cgroup (see sandbox::slots).
+        let child = match sb.slots.as_ref().and_then(|slots| slots.spawn(uid, &plan)) {
+            Some(spawned) => spawned?,
+            None => spawn::spawn(&plan)?,
+        };
         // Our copies of the child's ends must go, or we never see EOF.
         drop((stdin_r, stdout_w, stderr_w, key_r, ctl_child, err_w));
 

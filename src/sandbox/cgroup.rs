@@ -1,8 +1,14 @@
 //! Per-job memory and pids limits through cgroups, v2 or v1, whichever the host has.
 //!
-//! Each job gets a cgroup of its own under `<hierarchy>/sandq/<worker>/`, made
-//! before the spawn and removed after the reap. The parent moves the child in
-//! (see `sandbox::spawn`, step 4) before handing over the job's code. A kill by the memory controller is read back from `oom_kill` in
+//! On cgroup v1, each uid of the worker has a slot cgroup under
+//! `<hierarchy>/sandq/<worker>/uid-<uid>` for the worker's lifetime, and the
+//! thread that spawns that uid's jobs is a member of it (`sandbox::slots`):
+//! a child is born in it, and the limits are set per job. Moving a task into
+//! a v1 cgroup waits for an RCU grace period and stalls every fork and thread
+//! creation on the host meanwhile, which a per-job move would pay every time.
+//! Elsewhere each job gets a cgroup of its own under `<...>/sandq/<worker>/`,
+//! made before the spawn, removed after the reap, and the parent moves the
+//! child in after exec (see `sandbox::spawn`, step 4). A kill by the memory controller is read back from `oom_kill` in
 //! `memory.events` (v2) or `memory.oom_control` (v1) to report `memory_limit`.
 //! Only cgroups this worker created are ever touched.
 
@@ -87,7 +93,8 @@ impl Cgroups {
         }
     }
 
-    /// Make a job's cgroup with its limits.
+    /// Make a job's cgroup with its limits (the per-job layout; see `slot`
+    /// for cgroup v1).
     pub fn create(
         &self,
         name: &str,
@@ -105,24 +112,14 @@ impl Cgroups {
             v2: matches!(self, Cgroups::V2 { .. }),
             dirs,
             procs: Vec::new(),
+            slot: None,
         };
-        let mem = job.dirs[0].clone();
-        let pid_dir = job.dirs.last().cloned().unwrap_or_else(|| mem.clone());
+        job.set_memory(memory_bytes)?;
         if job.v2 {
-            write(&mem.join("memory.max"), &memory_bytes.to_string())?;
             // No swap: a job over its memory is killed, not paged out.
-            let _ = write(&mem.join("memory.swap.max"), "0");
-        } else {
-            write(
-                &mem.join("memory.limit_in_bytes"),
-                &memory_bytes.to_string(),
-            )?;
-            let memsw = mem.join("memory.memsw.limit_in_bytes");
-            if memsw.exists() {
-                write(&memsw, &memory_bytes.to_string())?;
-            }
+            let _ = write(&job.dirs[0].join("memory.swap.max"), "0");
         }
-        write(&pid_dir.join("pids.max"), &pids.to_string())?;
+        job.set_pids(pids)?;
         for dir in &job.dirs {
             let path = dir.join("cgroup.procs");
             let file = OpenOptions::new()
@@ -132,6 +129,47 @@ impl Cgroups {
                 .map_err(io_err(&path))?;
             job.procs.push(file);
         }
+        Ok(job)
+    }
+
+    /// The directories of uid `uid`'s slot: a cgroup that lives as long as
+    /// the worker, which the thread that spawns that uid's jobs joins once
+    /// (cgroup v1 only; see `sandbox::slots`). Created on first use.
+    pub fn slot_dirs(&self, uid: u32) -> Result<Vec<PathBuf>, CgroupError> {
+        let Cgroups::V1 { memory, pids } = self else {
+            return Err(CgroupError::Unavailable("slots need cgroup v1".into()));
+        };
+        let dirs = vec![
+            memory.join(format!("uid-{uid}")),
+            pids.join(format!("uid-{uid}")),
+        ];
+        for dir in &dirs {
+            if !dir.exists() {
+                fs::create_dir(dir).map_err(io_err(dir))?;
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// Limits for one job in uid `uid`'s slot cgroup, with the counters read
+    /// now so that the report covers this job only.
+    pub fn job_in_slot(
+        &self,
+        uid: u32,
+        memory_bytes: u64,
+        pids: u64,
+    ) -> Result<JobCgroup, CgroupError> {
+        let dirs = self.slot_dirs(uid)?;
+        let mut job = JobCgroup {
+            v2: false,
+            dirs,
+            procs: Vec::new(),
+            slot: Some(Baseline::default()),
+        };
+        job.set_memory(memory_bytes)?;
+        // The spawning thread itself is a member of the pids group.
+        job.set_pids(pids + 1)?;
+        job.slot = Some(job.counters());
         Ok(job)
     }
 }
@@ -151,23 +189,40 @@ fn remove_stale(parent: &Path) {
         else {
             continue;
         };
-        if Path::new("/proc").join(pid.to_string()).exists() {
+        // Alive only if that pid is still a sandq process (pids are reused).
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "sandq" {
             continue;
         }
-        if let Ok(jobs) = fs::read_dir(entry.path()) {
-            for job in jobs.flatten().filter(|j| j.path().is_dir()) {
-                let _ = fs::remove_dir(job.path());
-            }
-        }
-        let _ = fs::remove_dir(entry.path());
+        remove_tree(&entry.path());
     }
 }
 
-/// One job's cgroup(s); removed when dropped.
+/// Remove a worker's group and the job or slot groups in it (empty ones
+/// only: the kernel refuses to remove a group with processes in it).
+fn remove_tree(dir: &Path) {
+    if let Ok(children) = fs::read_dir(dir) {
+        for child in children.flatten().filter(|c| c.path().is_dir()) {
+            let _ = fs::remove_dir(child.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// One job's cgroup(s): its own, removed when dropped, or its uid's slot
+/// (`slot` holds the counters at the job's start), which stays.
 pub struct JobCgroup {
     v2: bool,
     dirs: Vec<PathBuf>,
     procs: Vec<File>,
+    slot: Option<Baseline>,
+}
+
+/// Event counters of a slot cgroup when a job started.
+#[derive(Debug, Default, Clone, Copy)]
+struct Baseline {
+    oom_kills: u64,
+    pids_max_hits: u64,
 }
 
 /// What the cgroup saw of a finished job.
@@ -187,7 +242,8 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
 }
 
 impl JobCgroup {
-    /// Move process `pid` (all its threads) into the job's cgroup(s).
+    /// Move process `pid` (all its threads) into the job's cgroup(s). A job
+    /// in a slot is there already: it was cloned by the slot's thread.
     pub fn attach(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
         let value = pid.to_string();
         for (file, dir) in self.procs.iter().zip(&self.dirs) {
@@ -196,6 +252,25 @@ impl JobCgroup {
                 .map_err(io_err(&dir.join("cgroup.procs")))?;
         }
         Ok(())
+    }
+
+    fn set_pids(&self, pids: u64) -> Result<(), CgroupError> {
+        let dir = self.dirs.last().unwrap_or(&self.dirs[0]);
+        write(&dir.join("pids.max"), &pids.to_string())
+    }
+
+    fn counters(&self) -> Baseline {
+        let mem = &self.dirs[0];
+        let pids = self.dirs.last().unwrap_or(mem);
+        let oom = if self.v2 {
+            read_key(&mem.join("memory.events"), "oom_kill")
+        } else {
+            read_key(&mem.join("memory.oom_control"), "oom_kill")
+        };
+        Baseline {
+            oom_kills: oom.unwrap_or(0),
+            pids_max_hits: read_key(&pids.join("pids.events"), "max").unwrap_or(0),
+        }
     }
 
     /// Change the memory limit (a pre-started interpreter taking a job).
@@ -229,29 +304,35 @@ impl JobCgroup {
 
     pub fn report(&self) -> CgroupReport {
         let mem = &self.dirs[0];
-        let pids = self.dirs.last().unwrap_or(mem);
-        if self.v2 {
-            CgroupReport {
-                oom_killed: read_key(&mem.join("memory.events"), "oom_kill").unwrap_or(0) > 0,
-                peak_memory_bytes: fs::read_to_string(mem.join("memory.peak"))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok()),
-                pids_limit_hit: read_key(&pids.join("pids.events"), "max").unwrap_or(0) > 0,
-            }
+        let now = self.counters();
+        let base = self.slot.unwrap_or_default();
+        // A slot's peak also counts page cache earlier jobs left charged to
+        // it, so only a job's own group reports one (the reap's rusage still
+        // gives the job's peak RSS).
+        let peak_file = if self.v2 {
+            "memory.peak"
         } else {
-            CgroupReport {
-                oom_killed: read_key(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0) > 0,
-                peak_memory_bytes: fs::read_to_string(mem.join("memory.max_usage_in_bytes"))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok()),
-                pids_limit_hit: read_key(&pids.join("pids.events"), "max").unwrap_or(0) > 0,
-            }
+            "memory.max_usage_in_bytes"
+        };
+        let peak_memory_bytes = match self.slot {
+            Some(_) => None,
+            None => fs::read_to_string(mem.join(peak_file))
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        };
+        CgroupReport {
+            oom_killed: now.oom_kills > base.oom_kills,
+            peak_memory_bytes,
+            pids_limit_hit: now.pids_max_hits > base.pids_max_hits,
         }
     }
 }
 
 impl Drop for JobCgroup {
     fn drop(&mut self) {
+        if self.slot.is_some() {
+            return;
+        }
         self.procs.clear();
         for dir in &self.dirs {
             // Right after the reap the kernel may still hold the group briefly.
@@ -274,7 +355,7 @@ impl Drop for Cgroups {
             Cgroups::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
         };
         for dir in dirs {
-            let _ = fs::remove_dir(dir);
+            remove_tree(&dir);
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod landlock;
 pub mod rootfs;
 pub mod seccomp;
+pub mod slots;
 pub mod spawn;
 pub mod uids;
 
@@ -36,6 +37,8 @@ pub enum SandboxError {
     Uids(#[from] uids::UidError),
     #[error("interpreter {language} not found at {path}")]
     Interpreter { language: Language, path: PathBuf },
+    #[error("preparing the slot cgroups: {0}")]
+    Slots(#[from] cgroup::CgroupError),
     #[error("required isolation layer {layer} is unavailable: {reason}")]
     Required { layer: &'static str, reason: String },
 }
@@ -137,6 +140,9 @@ pub struct Sandbox {
     pub filters: seccomp::Filters,
     pub root: rootfs::RuntimeRoot,
     pub uids: uids::UidPool,
+    /// Spawning threads living in the uids' slot cgroups (cgroup v1);
+    /// declared before `cgroups`, so they are gone when those are removed.
+    pub slots: Option<slots::Slots>,
     pub cgroups: Option<cgroup::Cgroups>,
     /// clone3 namespace flags every job gets (net is added per job).
     pub namespaces: u64,
@@ -339,11 +345,16 @@ impl Sandbox {
             Ok("seccomp user notification".to_owned()),
         );
 
+        let slots = match &cgroups {
+            Ok(c @ cgroup::Cgroups::V1 { .. }) => Some(slots::Slots::start(c, &uids.all())?),
+            _ => None,
+        };
         let sandbox = Sandbox {
             config,
             filters,
             root,
             uids,
+            slots,
             cgroups: cgroups.ok(),
             namespaces,
             net_namespace,

@@ -106,6 +106,11 @@ impl UidPool {
         })
     }
 
+    /// Every uid this pool holds.
+    pub fn all(&self) -> Vec<u32> {
+        self._claims.iter().map(|c| c.uid).collect()
+    }
+
     /// A free uid, or `None` when every claimed uid is running a job.
     pub fn lease(&self) -> Option<UidLease> {
         let uid = self.free.lock().ok()?.pop()?;
