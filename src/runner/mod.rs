@@ -410,9 +410,10 @@ impl Runner<'_> {
                 return Err(e);
             }
         };
-        // Into the job's cgroup while the interpreter starts up: the kernel's
-        // wait for the move overlaps that start-up, and the job's code comes
-        // on fd 3 only after this (see sandbox::spawn, step 4).
+        // Into the job's cgroup (a no-op for a slot cgroup, which the child
+        // was born in) while the interpreter starts up: the kernel's wait for
+        // the move overlaps that start-up, and the job's code comes on fd 3
+        // only after this (see sandbox::spawn, step 4).
         if let Some(cg) = &cgroup {
             if let Err(e) = cg.attach(child.pid) {
                 supervise::kill_and_reap(&child);

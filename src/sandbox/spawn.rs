@@ -23,11 +23,12 @@
 //! 3. stdio and the key pipe onto fds 0-3, our control fds after them
 //!    (close-on-exec), every other fd closed: no worker fd (Redis sockets,
 //!    other jobs' pipes) reaches the interpreter, or even outlives this step.
-//! 4. the cgroup (memory and pids limits) is joined, but by the parent, after
-//!    exec and before the job's code is handed over on fd 3: moving a task
-//!    into a cgroup waits for an RCU grace period in the kernel (~10 ms), which
-//!    this way overlaps the interpreter's start-up instead of adding to it.
-//!    The interpreter's own start-up is all that runs outside the cgroup.
+//! 4. the cgroup (memory and pids limits) is not joined here: on cgroup v1
+//!    the child was cloned by its uid's slot thread and is born in that
+//!    uid's cgroup (`sandbox::slots`); elsewhere the parent moves it in after
+//!    exec, before handing over the job's code (`runner::Runner::start`).
+//!    Moving a task between cgroups waits for an RCU grace period in the
+//!    kernel, which this keeps off the start-up path.
 //! 5. bind the job's scratch dir onto the root's `/tmp`, `pivot_root` into the
 //!    read-only runtime root and detach the old root (or stay in a scratch dir
 //!    where the host gave us no mount namespace): needs CAP_SYS_ADMIN, so
