@@ -192,26 +192,40 @@ pub fn spawn(plan: &ChildPlan<'_>) -> Result<Spawned, SpawnError> {
         exit_signal: libc::SIGCHLD as u64,
         ..Default::default()
     };
-    // SAFETY: clone3 without CLONE_VM forks the address space; the child branch
-    // below only makes raw syscalls on memory the plan borrows, then execs or exits.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    match ret {
-        -1 => Err(SpawnError::Clone(std::io::Error::last_os_error())),
+    // SAFETY: the child branch below only makes raw syscalls on memory the
+    // plan borrows, then execs or exits.
+    match unsafe { clone3(&args) }.map_err(SpawnError::Clone)? {
         0 => {
             // SAFETY: we are the freshly cloned child; child_main never returns.
             unsafe { child_main(plan) }
         }
         pid => Ok(Spawned {
-            pid: pid as libc::pid_t,
+            pid,
             // SAFETY: the kernel wrote a fresh pidfd that nothing else owns.
             pidfd: unsafe { std::os::fd::FromRawFd::from_raw_fd(pidfd) },
         }),
+    }
+}
+
+/// `clone3` with `args` (no CLONE_VM: a fork of the address space): 0 in the
+/// child, the child's pid in the parent.
+///
+/// # Safety
+/// In the child of a multithreaded process, the caller's child branch may
+/// only make async-signal-safe raw syscalls, then exec or exit.
+unsafe fn clone3(args: &CloneArgs) -> Result<libc::pid_t, std::io::Error> {
+    // SAFETY: `args` is a live clone_args of the size passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == -1 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret as libc::pid_t)
     }
 }
 
@@ -223,21 +237,13 @@ pub fn probe(flags: u64) -> Result<(), std::io::Error> {
         ..Default::default()
     };
     // SAFETY: the child branch only calls _exit.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    match ret {
-        -1 => Err(std::io::Error::last_os_error()),
+    match unsafe { clone3(&args) }? {
         // SAFETY: in the child; _exit is async-signal-safe.
         0 => unsafe { libc::_exit(0) },
         pid => {
             let mut status = 0;
             // SAFETY: reaping the child we just created.
-            unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+            unsafe { libc::waitpid(pid, &mut status, 0) };
             Ok(())
         }
     }
@@ -254,15 +260,7 @@ pub fn hold_namespace(flag: u64, proc_name: &str) -> Result<std::os::fd::OwnedFd
     };
     // SAFETY: the child branch only waits for a signal (pause is
     // async-signal-safe) until the parent kills it.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    match ret {
-        -1 => Err(std::io::Error::last_os_error()),
+    match unsafe { clone3(&args) }? {
         0 => loop {
             // SAFETY: in the child: pause until the parent's SIGKILL.
             unsafe { libc::pause() };
@@ -271,9 +269,9 @@ pub fn hold_namespace(flag: u64, proc_name: &str) -> Result<std::os::fd::OwnedFd
             let opened = std::fs::File::open(format!("/proc/{pid}/ns/{proc_name}"));
             // SAFETY: kill and reap the child we just created.
             unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                libc::kill(pid, libc::SIGKILL);
                 let mut status = 0;
-                libc::waitpid(pid as libc::pid_t, &mut status, 0);
+                libc::waitpid(pid, &mut status, 0);
             }
             opened.map(std::os::fd::OwnedFd::from)
         }
