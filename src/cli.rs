@@ -387,8 +387,9 @@ async fn demo(url: String, prefix: String) {
         }
     }
     let port = url.rsplit(':').next().unwrap_or("6379");
+    let id = uuid::Uuid::new_v4();
     println!(
-        "Push your own job:\n  redis-cli -p {port} RPUSH {prefix}:queue '{{\"id\":\"j1\",\"language\":\"python3\",\"code\":\"print(6*7)\"}}'\n  redis-cli -p {port} BLPOP {prefix}:result:j1 10\nCtrl-C stops the worker."
+        "Push your own job (one result per job id, so each job needs a fresh id):\n  redis-cli -p {port} RPUSH {prefix}:queue '{{\"id\":\"{id}\",\"language\":\"python3\",\"code\":\"print(6*7)\"}}'\n  redis-cli -p {port} BLPOP {prefix}:result:{id} 10\nCtrl-C stops the worker.",
     );
     let _ = std::io::stdout().flush();
 }

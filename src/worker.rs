@@ -523,9 +523,12 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         let attempt = match begin(shared, &job).await {
             Begin::Run { attempt } => attempt.max(1),
             Begin::Answered(stored) => {
-                // The id is an idempotency key: same id, same answer, no run.
-                info!("answered with the result already stored for this id");
-                push_result(shared, raw, &job.id, &stored, &reply_key, job.result_ttl_s, false).await;
+                // One result per job id: this id has had its result (this is
+                // a re-delivery of a job that was answered, or a new push
+                // reusing the id). Not run, nothing pushed: the remembering
+                // push finds the result stored and only drops the job.
+                info!("this id already has its result; not run again");
+                push_result(shared, raw, &job.id, &stored, &reply_key, job.result_ttl_s, true).await;
                 return Done::Finished;
             }
         };

@@ -378,18 +378,30 @@ fn submit_pushes_and_waits() {
 }
 
 #[test]
-fn a_job_id_is_an_idempotency_key() {
+fn one_result_per_job_id() {
     let Some(mut c) = redis() else { return };
     let p = prefix("idem");
     let _w = Worker::start(&p, &["--concurrency", "1"]);
-    let job = json!({"id": "same", "language": "python3", "code": "import random\nprint(random.random())"});
+    let job =
+        json!({"id": "same", "language": "python3", "code": "open('/tmp/x', 'w')\nprint('ran')"});
     push(&mut c, &p, &job);
     let first = result(&mut c, &p, "same", Duration::from_secs(10));
     assert_status(&first, "ok");
-    // The same id again: answered with the stored result, not run again.
+    // The same id again: not run, no second result, nothing left behind.
     push(&mut c, &p, &job);
-    let second = result(&mut c, &p, "same", Duration::from_secs(10));
-    assert_eq!(second, first);
+    push(
+        &mut c,
+        &p,
+        &json!({"id": "marker", "language": "python3", "code": "print(1)"}),
+    );
+    assert_status(&result(&mut c, &p, "marker", Duration::from_secs(10)), "ok");
+    assert_eq!(
+        llen(&mut c, &format!("{p}:result:same")),
+        0,
+        "no second result"
+    );
+    assert_eq!(processing_total(&mut c, &p), 0);
+    assert_eq!(llen(&mut c, &format!("{p}:queue")), 0);
     // A rejection is not remembered: a corrected job may reuse its id.
     push(&mut c, &p, &json!({"id": "fixme", "language": "python3"}));
     assert_status(

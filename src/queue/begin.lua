@@ -4,7 +4,7 @@
 -- ARGV[1] job id
 --
 -- Returns {delivery number, false}, or {0, stored result JSON} when a result
--- for this id exists (the job is answered with it and not run again).
+-- for this id exists (the job is not run again).
 local done = redis.call('GET', KEYS[2])
 if done then
   return {0, done}

@@ -6,11 +6,11 @@
 -- ARGV[3] the raw job payload as taken from the queue
 -- ARGV[4] job id           ARGV[5] '1': remember the result under the id
 --
--- A remembered result makes the id an idempotency key: the marker holds the
--- result JSON, only the first result for an id is pushed (a job re-run after
--- its worker was presumed dead pushes nothing), and a later job with the same
--- id is answered with it instead of running (see begin.lua). Rejections are
--- pushed but not remembered, so a corrected job may reuse the id.
+-- A remembered result is stored under the id: only the first result for an
+-- id is pushed (a job re-run after its worker was presumed dead pushes
+-- nothing), and a later delivery of the id is not run at all (see
+-- begin.lua). Rejections are pushed but not remembered, so a corrected job
+-- may reuse the id.
 -- Returns 1 when this call pushed the result, 0 when one was already pushed.
 local pushed = 1
 if ARGV[5] == '1' then

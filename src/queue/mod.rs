@@ -132,7 +132,7 @@ impl Queue {
     }
 
     /// Start a delivery of job `id`: its delivery number (1 = first), or the
-    /// result already stored for this id.
+    /// result already stored for this id (then it is not run again).
     pub async fn begin(&self, id: &str) -> Result<Begin, QueueError> {
         let mut conn = self.conn("begin").await?;
         let (attempt, stored): (u32, Option<String>) = self
@@ -313,7 +313,7 @@ impl Queue {
 pub enum Begin {
     /// Run the job; this is delivery number `attempt`.
     Run { attempt: u32 },
-    /// The id already has this result: answer with it, do not run.
+    /// The id already has this result: do not run it again.
     Answered(String),
 }
 
