@@ -8,6 +8,7 @@
 //!    queue::Queue::fetch (BLMOVE into <p>:processing:<worker>)
 //!    job::parse            validate the JSON; bad payload -> dead letter / rejected
 //!    worker::handle        the only place that joins queue and runner
+//!    runner::pool          a pre-started, locked-down interpreter if one fits, else
 //!    runner::Runner::run   scratch dir, prescript, pipes, then ...
 //!    sandbox::spawn        clone3 + the ordered lock-down + execve
 //!    runner (supervise)    poll loop: output caps, timeout, seccomp violations
@@ -19,7 +20,8 @@
 //! nothing of Redis; [`queue`] nothing of processes; only [`worker`] joins them.
 //! [`config`] turns flags, environment and file into settings; [`metrics`]
 //! owns the Prometheus registry and the HTTP endpoints.
-//! [`batch`] and [`gateway`] are producers (`submit --batch`; the dify-sandbox HTTP API).
+//! [`batch`] and [`gateway`] are producers (`submit --batch`; the dify-sandbox HTTP API);
+//! [`bench`] measures a worker against the bare interpreters.
 
 pub mod batch;
 pub mod bench;
