@@ -317,6 +317,30 @@ fn redis_up(shared: &Shared) {
     }
 }
 
+/// Run a Redis operation until it succeeds, backing off between tries. For
+/// what a job must not lose (its result, its dead letter): the job is safe in
+/// the processing list meanwhile, and its slot stays taken, which bounds how
+/// much waits this way.
+async fn until_done<T, F, Fut>(shared: &Shared, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match op().await {
+            Ok(v) => {
+                redis_up(shared);
+                return v;
+            }
+            Err(e) => {
+                redis_down(shared, &e);
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+    }
+}
+
 async fn sleep_or_cancel(d: Duration, token: &CancellationToken) {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
@@ -416,25 +440,14 @@ async fn push_result(
     ttl_s: u64,
     remember: bool,
 ) {
-    let mut backoff = Backoff::new();
-    loop {
-        match shared
+    let first = until_done(shared, || {
+        shared
             .queue
             .complete(raw, id, reply_key, json, ttl_s, remember)
-            .await
-        {
-            Ok(first) => {
-                redis_up(shared);
-                if !first {
-                    info!("a result for this id was already delivered; this one is dropped");
-                }
-                return;
-            }
-            Err(e) => {
-                redis_down(shared, &e);
-                tokio::time::sleep(backoff.next()).await;
-            }
-        }
+    })
+    .await;
+    if !first {
+        info!("a result for this id was already delivered; this one is dropped");
     }
 }
 
@@ -459,11 +472,7 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         Ok(job) => job,
         Err(JobError::Unreadable(reason)) => {
             warn!(%reason, bytes = raw.len(), "payload is not a job: dead-lettered");
-            let mut backoff = Backoff::new();
-            while let Err(e) = shared.queue.dead_letter(raw, &reason, None).await {
-                redis_down(shared, &e);
-                tokio::time::sleep(backoff.next()).await;
-            }
+            until_done(shared, || shared.queue.dead_letter(raw, &reason, None)).await;
             shared.metrics.dead_letter("unreadable");
             return Done::Finished;
         }
@@ -520,7 +529,8 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             shared.metrics.job_finished(job.language.as_str(), Status::Rejected);
             return Done::Finished;
         }
-        let attempt = match begin(shared, &job).await {
+        // Count the delivery (or find the id's stored result).
+        let attempt = match until_done(shared, || shared.queue.begin(&job.id)).await {
             Begin::Run { attempt } => attempt.max(1),
             Begin::Answered(stored) => {
                 // One result per job id: this id has had its result (this is
@@ -538,11 +548,7 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
                 cfg.max_attempts
             );
             warn!(attempt, "poison job: dead-lettered");
-            let mut backoff = Backoff::new();
-            while let Err(e) = shared.queue.dead_letter(raw, &reason, Some(&job.id)).await {
-                redis_down(shared, &e);
-                tokio::time::sleep(backoff.next()).await;
-            }
+            until_done(shared, || shared.queue.dead_letter(raw, &reason, Some(&job.id))).await;
             shared.metrics.dead_letter("max_attempts");
             let mut result = JobResult::not_run(&job.id, Status::InternalError, reason, &cfg.worker_id);
             result.attempt = attempt;
@@ -604,21 +610,6 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
     }
     .instrument(span)
     .await
-}
-
-/// Count the delivery (or find the id's stored result); if Redis is down,
-/// keep trying (the job is safe in the processing list meanwhile).
-async fn begin(shared: &Shared, job: &Job) -> Begin {
-    let mut backoff = Backoff::new();
-    loop {
-        match shared.queue.begin(&job.id).await {
-            Ok(b) => return b,
-            Err(e) => {
-                redis_down(shared, &e);
-                tokio::time::sleep(backoff.next()).await;
-            }
-        }
-    }
 }
 
 async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String> {
