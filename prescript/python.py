@@ -6,12 +6,42 @@
 # it checks that the lock-down is in place, decodes the job and runs it.
 #
 # Placeholders (each filled once, in this order): uid, gid, enable_network,
-# preload, code, each written in double braces below.
+# python_path, preload, code, each written in double braces below.
 # The code and preload travel XOR-ed with a fresh 512-bit key and base64-encoded;
 # the key arrives separately, on fd 3, and never touches the disk.
 import os
 import sys
 from binascii import a2b_base64
+
+
+def _sandq_site():
+    # The interpreter starts with -S, without `site`: it costs milliseconds
+    # per run (directory scans, .pth start-up hooks, a sitecustomize lookup)
+    # and would run the host's start-up hooks inside the sandbox. What a job
+    # can see of it is recreated here: the search path `site` builds (asked
+    # of this interpreter once, when the worker starts) and the builtins it
+    # adds. Host .pth import lines and sitecustomize do not run.
+    import builtins
+    import _sitebuiltins
+
+    sys.path[:] = {{python_path}}
+    builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
+    builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
+    builtins.help = _sitebuiltins._Helper()
+    builtins.copyright = _sitebuiltins._Printer("copyright", sys.copyright)
+    builtins.credits = _sitebuiltins._Printer(
+        "credits",
+        "    Thanks to CWI, CNRI, BeOpen.com, Zope Corporation and a cast of thousands\n"
+        "    for supporting Python development.  See www.python.org for more information.",
+    )
+    here = os.path.dirname(os.__file__)
+    builtins.license = _sitebuiltins._Printer(
+        "license",
+        "See https://www.python.org/psf/license/",
+        ["LICENSE.txt", "LICENSE"],
+        [os.path.join(here, os.pardir), here, os.curdir],
+    )
+
 
 
 def _sandq_load():
@@ -108,4 +138,5 @@ def _sandq_exit(status):
     os._exit(status & 0xFF if isinstance(status, int) else 1)
 
 
+_sandq_site()
 _sandq_run(*_sandq_load(), {{enable_network}})

@@ -12,7 +12,7 @@ use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -287,15 +287,22 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                 std::thread::sleep(Duration::from_millis(60));
             }
             let seq = series(samples);
-            let (client2, prefix2, language, code) =
-                (client.clone(), prefix.clone(), s.language, s.code);
+            let (prefix2, language, code) = (prefix.clone(), s.language, s.code);
             let pid = worker.child.id();
             let peak2 = peak.clone();
-            let rate = throughput(args.parallel, args.runs / 2, move |_| {
-                let mut c = client2.get_connection()?;
+            // One connection per client thread, opened before the clock starts.
+            let conns: Vec<Mutex<redis::Connection>> = (0..args.parallel)
+                .map(|_| client.get_connection().map(Mutex::new))
+                .collect::<Result<_, _>>()?;
+            let per_client = args.runs / 2;
+            let rate = throughput(args.parallel, per_client, move |n| {
+                let mut c = conns[n / per_client.max(1)]
+                    .lock()
+                    .map_err(|_| BenchError::Worker("a bench thread panicked".into()))?;
                 through_redis(&mut c, &prefix2, language, code)?;
-                let now = rss_of(pid);
-                peak2.fetch_max(now, Ordering::Relaxed);
+                if n % 10 == 0 {
+                    peak2.fetch_max(rss_of(pid), Ordering::Relaxed);
+                }
                 Ok(())
             })?;
             lines.push(Line {

@@ -140,6 +140,11 @@ pub struct WorkerArgs {
     /// Jobs run at once [default: number of CPUs]
     #[arg(long, env = "SANDQ_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Jobs taken from the queue ahead of a free slot, so that a slot that
+    /// frees up starts its next job without a Redis round trip; 0 takes a job
+    /// only when a slot is free [default: 1]
+    #[arg(long, env = "SANDQ_PREFETCH")]
+    pub prefetch: Option<usize>,
     /// This worker's id [default: hostname-pid-random]
     #[arg(long, env = "SANDQ_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -303,6 +308,7 @@ pub struct FileConfig {
     pub redis: Option<String>,
     pub prefix: Option<String>,
     pub concurrency: Option<usize>,
+    pub prefetch: Option<usize>,
     pub worker_id: Option<String>,
     pub embedded_redis: Option<bool>,
     pub metrics_addr: Option<String>,
@@ -478,6 +484,8 @@ pub struct WorkerConfig {
     pub redis_url: String,
     pub prefix: String,
     pub concurrency: usize,
+    /// Jobs held beyond the running ones (taken, counted, waiting for a slot).
+    pub prefetch: usize,
     pub worker_id: String,
     pub embedded_redis: bool,
     pub demo: bool,
@@ -512,6 +520,10 @@ impl WorkerArgs {
         });
         if concurrency == 0 || concurrency > 1024 {
             return Err(ConfigError::Invalid("concurrency must be 1 to 1024".into()));
+        }
+        let prefetch = self.prefetch.or(file.prefetch).unwrap_or(1);
+        if prefetch > 1024 {
+            return Err(ConfigError::Invalid("prefetch must be 0 to 1024".into()));
         }
         let prefix = self
             .prefix
@@ -570,6 +582,7 @@ impl WorkerArgs {
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
             prefix,
             concurrency,
+            prefetch,
             worker_id,
             embedded_redis: self.embedded_redis || file.embedded_redis.unwrap_or(false),
             demo: self.demo,

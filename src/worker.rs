@@ -1,8 +1,12 @@
 //! The only module that knows both the queue and the runner: fetch, run, ack.
 //!
-//! One fetch loop takes a job only when a slot is free (so idle jobs wait in
-//! Redis where another worker can take them), then hands it to a task that
-//! validates it, runs it on a blocking thread, and delivers the result. Redis
+//! One fetch loop takes a job when fewer than `concurrency + prefetch` are
+//! held (so the rest wait in Redis, where another worker can take them), then
+//! hands it to a task that validates and counts it, waits for one of the
+//! `concurrency` run slots, runs it on a blocking thread, frees the slot and
+//! delivers the result. A job taken ahead (prefetch) and the delivery of the
+//! last result overlap running jobs, so a slot that frees up starts its next
+//! job without waiting on Redis. Redis
 //! errors never end the worker: it backs off (capped, exponential), reports
 //! not-ready, keeps running the jobs it holds and retries their results.
 //!
@@ -50,6 +54,10 @@ struct Shared {
     /// Egress policy for jobs with network, with this worker's own Redis and
     /// metrics addresses always refused.
     egress: Arc<EgressPolicy>,
+    /// Run slots: interpreters running at once.
+    running: Arc<Semaphore>,
+    /// Fired on SIGTERM/SIGINT: a job still waiting for a run slot is handed back.
+    shutdown: CancellationToken,
 }
 
 /// The configured egress policy plus the worker's own endpoints, refused.
@@ -167,9 +175,13 @@ pub async fn run(
         readiness: readiness.clone(),
         kill_switch: kill_r,
         egress: Arc::new(egress_policy(&cfg)),
+        running: Arc::new(Semaphore::new(cfg.concurrency)),
+        shutdown: shutdown.clone(),
     });
     metrics.slots.set(cfg.concurrency as i64);
-    let slots = Arc::new(Semaphore::new(cfg.concurrency));
+    // Jobs held at once: running, taken ahead, or delivering their result.
+    let capacity = cfg.concurrency + cfg.prefetch;
+    let held = Arc::new(Semaphore::new(capacity));
     let tracker = TaskTracker::new();
     let in_flight = Arc::new(InFlight::default());
 
@@ -199,11 +211,12 @@ pub async fn run(
         worker = %cfg.worker_id,
         queue = %queue.keys.queue(),
         concurrency = cfg.concurrency,
+        prefetch = cfg.prefetch,
         "waiting for jobs"
     );
     while !shutdown.is_cancelled() {
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            p = held.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = shutdown.cancelled() => break,
         };
         if conn.is_none() {
@@ -257,9 +270,9 @@ pub async fn run(
     // Drain.
     tracker.close();
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let running = cfg.concurrency - slots.available_permits();
     info!(
-        running,
+        held = capacity - held.available_permits(),
+        running = cfg.concurrency - shared.running.available_permits(),
         grace_ms = cfg.shutdown_grace_ms,
         "shutting down: no new jobs"
     );
@@ -272,17 +285,21 @@ pub async fn run(
         // `cancelled`, deliver nothing and leave their entry in `in_flight`.
         drop(kill_w);
         tracker.wait().await;
-        let mut n = 0;
-        for (raw, id) in in_flight.take() {
-            match queue.requeue(&raw, id.as_deref()).await {
-                Ok(true) => n += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    error!(error = %e, "could not hand a job back; the reaper will recover it")
-                }
+    }
+    // What is left in `in_flight` was stopped by the drain: killed after the
+    // grace period, or taken ahead and never started.
+    let mut n = 0;
+    for (raw, id) in in_flight.take() {
+        match queue.requeue(&raw, id.as_deref()).await {
+            Ok(true) => n += 1,
+            Ok(false) => {}
+            Err(e) => {
+                error!(error = %e, "could not hand a job back; the reaper will recover it")
             }
         }
-        metrics.requeued("shutdown", n);
+    }
+    metrics.requeued("shutdown", n);
+    if n > 0 {
         info!(requeued = n, "jobs handed back to the queue");
     }
     background.cancel();
@@ -517,16 +534,16 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             Some(k) => k.clone(),
             None => shared.queue.keys.result(&job.id),
         };
-        if job.expires_at_ms.is_some_and(|at| now_ms() > at) {
-            let result = JobResult::not_run(
-                &job.id,
-                Status::Rejected,
-                "expired before it started".into(),
-                &cfg.worker_id,
-            );
-            info!("expired before it started");
-            deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
-            shared.metrics.job_finished(job.language.as_str(), Status::Rejected);
+        // A job taken ahead waits here for a run slot; if the drain starts
+        // first, it is handed back without running. Its delivery is counted
+        // only once it has a slot: a prefetched job has not run, and must not
+        // be blamed if another job takes the worker down.
+        let slot = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return Done::Stopped,
+            p = shared.running.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        if reject_if_expired(shared, raw, &job, &reply_key).await {
             return Done::Finished;
         }
         // Count the delivery (or find the id's stored result).
@@ -566,6 +583,9 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         shared.metrics.in_flight.inc();
         let started = Instant::now();
         let outcome = run_blocking(shared, job.clone()).await;
+        // The slot is free as soon as the interpreter is gone; the result's
+        // delivery overlaps the next job.
+        drop(slot);
         shared.metrics.in_flight.dec();
         if outcome.as_ref().is_ok_and(|o| o.cancelled) {
             // Stopped by the drain, which hands it back to the queue.
@@ -610,6 +630,25 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
     }
     .instrument(span)
     .await
+}
+
+/// A job past its `expires_at_ms` is answered `rejected` instead of run.
+async fn reject_if_expired(shared: &Shared, raw: &[u8], job: &Job, reply_key: &str) -> bool {
+    if job.expires_at_ms.is_none_or(|at| now_ms() <= at) {
+        return false;
+    }
+    let result = JobResult::not_run(
+        &job.id,
+        Status::Rejected,
+        "expired before it started".into(),
+        &shared.cfg.worker_id,
+    );
+    info!("expired before it started");
+    deliver(shared, raw, &result, reply_key, job.result_ttl_s).await;
+    shared
+        .metrics
+        .job_finished(job.language.as_str(), Status::Rejected);
+    true
 }
 
 async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String> {

@@ -181,6 +181,82 @@ fn identity_environment_and_filesystem() {
 }
 
 #[test]
+fn the_next_job_of_a_uid_finds_its_scratch_empty() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("scratch-reuse");
+    // One slot and no pool: every job runs as the same uid, in the same
+    // scratch tmpfs, one after another.
+    let _w = Worker::start(&p, &["--concurrency", "1", "--pool-size", "0"]);
+    let litter = "import os\n\
+        open('/tmp/.hidden', 'w').write('secret')\n\
+        os.makedirs('/tmp/a/b/c')\n\
+        open('/tmp/a/b/c/deep', 'w').write('secret')\n\
+        os.chmod('/tmp/a/b', 0)\n\
+        os.symlink('/etc/passwd', '/tmp/link')\n\
+        os.symlink('/tmp/a', '/tmp/dirlink')\n\
+        os.chmod('/tmp', 0o777)\n\
+        print(os.getuid(), sorted(os.listdir('/tmp')))";
+    let probe =
+        "import os\nprint(os.getuid(), os.listdir('/tmp'), oct(os.stat('/tmp').st_mode & 0o777))";
+    for _ in 0..3 {
+        let r = py(&mut c, &p, litter);
+        assert_status(&r, "ok");
+        let uid = r["stdout"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned();
+        assert!(
+            r["stdout"]
+                .as_str()
+                .unwrap()
+                .contains("'.hidden', 'a', 'dirlink', 'link'"),
+            "{r}"
+        );
+        let r = py(&mut c, &p, probe);
+        assert_status(&r, "ok");
+        assert_eq!(
+            r["stdout"],
+            format!("{uid} [] 0o700\n"),
+            "same uid, nothing left"
+        );
+    }
+    // The host side was not touched through the links.
+    assert!(std::fs::metadata("/etc/passwd").is_ok());
+}
+
+#[test]
+fn python_starts_without_site_but_keeps_what_site_gives() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("nosite");
+    let _w = Worker::start(&p, &["--concurrency", "1"]);
+    let r = py(
+        &mut c,
+        &p,
+        "import sys\n\
+         print(type(exit).__name__, type(quit).__name__, type(help).__name__, type(license).__name__)\n\
+         print(any(d.endswith('dist-packages') for d in sys.path))\n\
+         quit(4)",
+    );
+    assert_status(&r, "error");
+    assert_eq!(r["exit_code"], 4);
+    assert_eq!(r["stdout"], "Quitter Quitter _Helper _Printer\nTrue\n");
+    // The same search path `site` builds on the host, in the same order.
+    let host = std::process::Command::new("/usr/bin/python3")
+        .args(["-I", "-c", "import sys; print(sys.path)"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let r = py(&mut c, &p, "import sys; print(sys.path)");
+    assert_eq!(
+        r["stdout"].as_str().unwrap(),
+        String::from_utf8_lossy(&host.stdout)
+    );
+}
+
+#[test]
 fn output_flood_is_capped_and_worker_survives() {
     let Some(mut c) = redis() else { return };
     let p = prefix("flood");

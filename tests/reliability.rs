@@ -285,6 +285,63 @@ fn expired_job_is_not_run() {
     assert_status(&r, "ok");
 }
 
+#[test]
+fn a_prefetched_job_is_neither_counted_nor_kept_by_a_drain() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("prefetch");
+    let mut w = Worker::start(
+        &p,
+        &args(&[
+            "--concurrency",
+            "1",
+            "--prefetch",
+            "1",
+            "--shutdown-grace-ms",
+            "10000",
+        ]),
+    )
+    .keep_keys();
+    push(
+        &mut c,
+        &p,
+        &json!({"id": "runs", "language": "python3", "code": "import time\ntime.sleep(2)\nprint('done')"}),
+    );
+    push(
+        &mut c,
+        &p,
+        &json!({"id": "waits", "language": "python3", "code": "print('later')"}),
+    );
+    // Both taken: one running, one held for the next free slot.
+    wait_running(&mut c, &p, 2);
+    assert_eq!(llen(&mut c, &format!("{p}:queue")), 0, "both were taken");
+    let counted: Option<u64> = redis::cmd("HGET")
+        .arg(format!("{p}:attempts"))
+        .arg("waits")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        counted, None,
+        "a job waiting for a slot has not been delivered yet"
+    );
+    w.signal(libc::SIGTERM);
+    assert_eq!(w.wait(Duration::from_secs(12)), Some(0), "{}", w.log());
+    let r = result(&mut c, &p, "runs", Duration::from_secs(1));
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "done\n");
+    assert_eq!(
+        llen(&mut c, &format!("{p}:queue")),
+        1,
+        "the waiting job went back to the queue, not run during the drain"
+    );
+    assert_eq!(llen(&mut c, &format!("{p}:result:waits")), 0);
+    assert_eq!(processing_total(&mut c, &p), 0);
+    let _other = Worker::start(&p, &args(&["--concurrency", "1"]));
+    let r = result(&mut c, &p, "waits", Duration::from_secs(30));
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "later\n");
+    assert_eq!(r["attempt"], 1);
+}
+
 fn wait_running(c: &mut redis::Connection, p: &str, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while processing_total(c, p) < n {

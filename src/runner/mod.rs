@@ -144,10 +144,9 @@ pub struct Started {
     payload: OwnedFd,
     rendered: prescript::Rendered,
     cgroup: Option<crate::sandbox::cgroup::JobCgroup>,
-    // Dropped after the cgroup and the process: the scratch dir is unmounted,
+    // Dropped after the cgroup and the process: the scratch dir is emptied,
     // then the uid goes back to the pool.
     scratch: crate::sandbox::rootfs::Scratch,
-    lease: crate::sandbox::uids::UidLease,
     pub language: Language,
     pub network: bool,
     pub memory_mb: u64,
@@ -198,13 +197,14 @@ impl Runner<'_> {
         let t0 = Instant::now();
         let lease = sb.uids.lease().ok_or(RunError::NoUid)?;
         let (uid, gid) = (lease.uid, lease.uid);
-        let scratch = sb.root.scratch(uid, gid, sb.config.scratch_mb)?;
+        // Holds the uid from here on, and gives it back once its files are gone.
+        let scratch = sb.root.scratch(lease)?;
         let memory_bytes = spec.memory_mb * 1024 * 1024;
         let cgroup = match (&sb.cgroups, &sb.slots) {
             (Some(c), Some(_)) => Some(c.job_in_slot(uid, memory_bytes, sb.config.pids_max)?),
             (Some(c), None) => {
-                let name = scratch.path.file_name().and_then(|n| n.to_str());
-                Some(c.create(name.unwrap_or("job"), memory_bytes, sb.config.pids_max)?)
+                let name = format!("job-{:016x}", rand::random::<u64>());
+                Some(c.create(&name, memory_bytes, sb.config.pids_max)?)
             }
             (None, _) => None,
         };
@@ -212,7 +212,15 @@ impl Runner<'_> {
         // The script goes into the job's scratch dir; the key (and, for a
         // pre-started interpreter, the code) onto fd 3 later.
         let (preload, code) = spec.code.unwrap_or(("", ""));
-        let rendered = prescript::render(spec.language, uid, gid, spec.network, preload, code);
+        let rendered = prescript::render(
+            spec.language,
+            uid,
+            gid,
+            spec.network,
+            &sb.python_path,
+            preload,
+            code,
+        );
         let ext = match spec.language {
             Language::Python3 => "py",
             Language::Nodejs => "js",
@@ -277,7 +285,9 @@ impl Runner<'_> {
         }
         match spec.language {
             Language::Python3 => {
-                for a in ["-I", "-B", "-X", "utf8"] {
+                // -S: no `site` at start-up; the prescript sets the same
+                // sys.path and builtins itself (see prescript/python.py).
+                for a in ["-I", "-S", "-B", "-X", "utf8"] {
                     args.push(cstring(a)?);
                 }
                 // One BLAS thread: the pids limit counts threads.
@@ -328,14 +338,12 @@ impl Runner<'_> {
             rlimits.push((libc::RLIMIT_AS, rlimit(bytes, bytes)));
         }
 
-        let root_c = cstring(sb.root.root.as_os_str().as_encoded_bytes())?;
-        let root_tmp_c = cstring(sb.root.root.join("tmp").as_os_str().as_encoded_bytes())?;
         let root_plan = if pivot {
-            RootPlan::Pivot {
-                root: &root_c,
-                root_tmp: &root_tmp_c,
-                scratch: &scratch.c_path,
-            }
+            let ns = sb.mount_ns.get(&uid).ok_or_else(|| RunError::Io {
+                step: "the uid's mount namespace",
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+            RootPlan::Join { ns: ns.as_raw_fd() }
         } else {
             RootPlan::None {
                 scratch: &scratch.c_path,
@@ -344,7 +352,9 @@ impl Runner<'_> {
         // No job shares the host's network: a job with network gets a
         // namespace of its own whose only interface is `lo` with the egress
         // relay on it; the others join one empty namespace (see spawn, step 0).
-        let mut namespaces = sb.namespaces;
+        // A mount namespace is joined (the uid's), never made per job: see
+        // spawn, step 1c.
+        let mut namespaces = sb.namespaces & !(libc::CLONE_NEWNS as u64);
         let join_net = match (&sb.shared_netns, spec.network) {
             (Some(netns), false) => Some(netns.as_raw_fd()),
             _ => None,
@@ -435,7 +445,6 @@ impl Runner<'_> {
             rendered,
             cgroup,
             scratch,
-            lease,
             language: spec.language,
             network: spec.network,
             memory_mb: spec.memory_mb,
@@ -490,7 +499,6 @@ impl Runner<'_> {
         drop(s.cgroup);
         let t_scratch = Instant::now();
         drop(s.scratch);
-        drop(s.lease);
         tracing::debug!(
             limits_ms = (handed_at - t_limits).as_secs_f64() * 1e3,
             run_ms = duration.as_secs_f64() * 1e3,

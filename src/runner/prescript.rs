@@ -55,6 +55,7 @@ pub fn render(
     uid: u32,
     gid: u32,
     network: bool,
+    python_path: &str,
     preload: &str,
     code: &str,
 ) -> Rendered {
@@ -76,6 +77,7 @@ pub fn render(
         .replacen("{{uid}}", &uid.to_string(), 1)
         .replacen("{{gid}}", &gid.to_string(), 1)
         .replacen("{{enable_network}}", network, 1)
+        .replacen("{{python_path}}", python_path, 1)
         .replacen("{{preload}}", &obfuscate(preload, &key), 1)
         .replacen("{{code}}", &obfuscate(code, &key), 1);
     Rendered {
@@ -96,6 +98,7 @@ mod tests {
             10001,
             10001,
             false,
+            "[]",
             "",
             "print('secret-marker')",
         );
@@ -104,6 +107,7 @@ mod tests {
             10001,
             10001,
             false,
+            "[]",
             "",
             "print('secret-marker')",
         );
@@ -113,7 +117,7 @@ mod tests {
         assert_ne!(a.script, b.script);
         assert!(!a.script.contains(&a.key_b64));
         assert_eq!(STANDARD.decode(&a.key_b64).unwrap().len(), KEY_LEN);
-        let n = render(Language::Nodejs, 1, 1, true, "x", "y");
+        let n = render(Language::Nodejs, 1, 1, true, "[]", "x", "y");
         assert!(!n.script.contains("{{"));
     }
 

@@ -37,6 +37,8 @@ pub enum SandboxError {
     Uids(#[from] uids::UidError),
     #[error("interpreter {language} not found at {path}")]
     Interpreter { language: Language, path: PathBuf },
+    #[error("asking {path} for its module search path: {reason}")]
+    PythonPath { path: PathBuf, reason: String },
     #[error("preparing the slot cgroups: {0}")]
     Slots(#[from] cgroup::CgroupError),
     #[error("required isolation layer {layer} is unavailable: {reason}")]
@@ -149,10 +151,46 @@ pub struct Sandbox {
     pub net_namespace: bool,
     /// The empty network namespace jobs without network join.
     pub shared_netns: Option<std::os::fd::OwnedFd>,
+    /// Per uid, the mount namespace its jobs join (with a private root).
+    pub mount_ns: HashMap<u32, std::os::fd::OwnedFd>,
     /// Landlock ABI version and, per language, the files jobs may execute.
     pub landlock: Option<(i32, HashMap<Language, Vec<CString>>)>,
+    /// Python's `sys.path` as `site` would make it, as a JSON list: jobs'
+    /// interpreters start without `site` and get this instead (see
+    /// `prescript/python.py`).
+    pub python_path: String,
     pub layers: Layers,
     pub prepared_in: Duration,
+}
+
+/// Ask the interpreter, once, for the module search path `site` gives it
+/// (site-packages and `.pth` path entries included), with the environment a
+/// job has: none.
+fn python_site_path(python: &std::path::Path) -> Result<String, SandboxError> {
+    let failed = |reason: String| SandboxError::PythonPath {
+        path: python.to_owned(),
+        reason,
+    };
+    let out = std::process::Command::new(python)
+        .args(["-I", "-c", "import json, sys; print(json.dumps(sys.path))"])
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(failed(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    // Re-encoded by us, so the prescript gets a plain list of strings.
+    let path: Vec<String> =
+        serde_json::from_slice(&out.stdout).map_err(|e| failed(e.to_string()))?;
+    serde_json::to_string(&path).map_err(|e| failed(e.to_string()))
+}
+
+fn io_root(path: &std::path::Path, source: std::io::Error) -> SandboxError {
+    SandboxError::Root(rootfs::RootError::Create {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Try a clone3 with `flags` whose child exits at once.
@@ -187,7 +225,7 @@ impl Sandbox {
             (
                 "mount namespace",
                 libc::CLONE_NEWNS,
-                "own mounts; the host root is detached",
+                "one per uid, made once; the host root is detached",
             ),
             (
                 "ipc namespace",
@@ -349,6 +387,23 @@ impl Sandbox {
             Ok(c @ cgroup::Cgroups::V1 { .. }) => Some(slots::Slots::start(c, &uids.all())?),
             _ => None,
         };
+        // Each uid's scratch tmpfs and mount namespace, made once (see
+        // spawn::hold_mount_namespace).
+        let mut mount_ns = HashMap::new();
+        if root.mode == rootfs::RootMode::Pivot {
+            let c = |p: &std::path::Path| CString::new(p.as_os_str().as_encoded_bytes());
+            let root_c = c(&root.root).map_err(|e| io_root(&root.root, e.into()))?;
+            let tmp = root.root.join("tmp");
+            let tmp_c = c(&tmp).map_err(|e| io_root(&tmp, e.into()))?;
+            for uid in uids.all() {
+                let scratch = root.mount_uid_scratch(uid, uid, config.scratch_mb)?;
+                let scratch_c = c(&scratch).map_err(|e| io_root(&scratch, e.into()))?;
+                let ns = spawn::hold_mount_namespace(&root_c, &tmp_c, &scratch_c)
+                    .map_err(|e| io_root(&scratch, e))?;
+                mount_ns.insert(uid, ns);
+            }
+        }
+        let python_path = python_site_path(&config.python)?;
         let sandbox = Sandbox {
             config,
             filters,
@@ -359,7 +414,9 @@ impl Sandbox {
             namespaces,
             net_namespace,
             shared_netns,
+            mount_ns,
             landlock: landlock.ok(),
+            python_path,
             layers,
             prepared_in: started.elapsed(),
         };

@@ -11,12 +11,18 @@
 //!   bin lib lib64 sbin    symlinks into usr/ (Debian is usr-merged), or read-only binds
 //!   dev/null zero random urandom   binds of the host devices
 //!   etc/                  a handful of files written or copied here (no secrets)
-//!   tmp/                  empty: each job's scratch is bound here in its own namespace
-//! <state>/scratch/<rand>  one size-capped tmpfs per job, mode 0700, owned by the job's uid
+//!   tmp/                  empty: each uid's scratch is bound here in that uid's namespace
+//! <state>/scratch/<uid>   one size-capped tmpfs per uid, mode 0700, owned by that uid,
+//!                         emptied after every job
 //! ```
-//! Preparing it is a dozen mounts: well under 10 ms.
+//! Preparing it is a dozen mounts: well under 10 ms. Each uid's jobs run in
+//! a mount namespace made once for that uid (`spawn::hold_mount_namespace`),
+//! with the uid's scratch as `/tmp`: a job changes nothing in a mount
+//! namespace but the files in its `/tmp`, which [`Scratch::clear`] removes
+//! before the uid runs anything else.
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use super::uids::UidLease;
+use nix::mount::{mount, MsFlags};
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -268,17 +274,61 @@ pub fn prepare(
     })
 }
 
-/// One job's private scratch directory; removed when dropped.
+/// One job's private scratch directory, holding the job's uid: with a
+/// private root the uid's tmpfs, emptied when dropped; on the host
+/// filesystem a fresh dir, removed when dropped. The uid goes back to the
+/// pool only once that worked, so no job ever sees another's files.
 pub struct Scratch {
     pub path: PathBuf,
     pub c_path: CString,
-    mounted: bool,
+    lease: Option<UidLease>,
+    /// The uid's own tmpfs, kept for its next job.
+    reused: bool,
 }
 
 impl RuntimeRoot {
-    /// A fresh scratch dir with a random name, mode 0700, owned by `uid`,
-    /// capped at `size_mb` where it can be a tmpfs of its own.
-    pub fn scratch(&self, uid: u32, gid: u32, size_mb: u64) -> Result<Scratch, RootError> {
+    /// Mount `uid`'s scratch tmpfs, once at start-up: capped at `size_mb`
+    /// and 16k inodes, mode 0700, owned by the uid, no exec, suid or devices.
+    pub fn mount_uid_scratch(
+        &self,
+        uid: u32,
+        gid: u32,
+        size_mb: u64,
+    ) -> Result<PathBuf, RootError> {
+        let path = self.scratch_base.join(uid.to_string());
+        create_dir(&path, 0o700)?;
+        let opts = format!("size={size_mb}m,nr_inodes=16k,mode=0700,uid={uid},gid={gid}");
+        do_mount(
+            Some(Path::new("tmpfs")),
+            &path,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(&opts),
+        )?;
+        Ok(path)
+    }
+
+    /// The scratch dir of a job run as the leased uid (gid the same): with a
+    /// private root, the uid's tmpfs (empty: the previous job's files were
+    /// cleared); on the host filesystem, a fresh dir with a random name,
+    /// mode 0700, owned by the uid.
+    pub fn scratch(&self, lease: UidLease) -> Result<Scratch, RootError> {
+        let (uid, gid) = (lease.uid, lease.uid);
+        if self.mode == RootMode::Pivot {
+            let path = self.scratch_base.join(uid.to_string());
+            let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
+                RootError::Create {
+                    path: path.clone(),
+                    source: e.into(),
+                }
+            })?;
+            return Ok(Scratch {
+                path,
+                c_path,
+                lease: Some(lease),
+                reused: true,
+            });
+        }
         let name = format!("{:032x}", rand::random::<u128>());
         let path = self.scratch_base.join(name);
         let err = |source| RootError::Create {
@@ -292,38 +342,60 @@ impl RuntimeRoot {
             path: path.clone(),
             source,
         };
-        let mut scratch = Scratch {
+        let scratch = Scratch {
             path: path.clone(),
             c_path,
-            mounted: false,
+            lease: Some(lease),
+            reused: false,
         };
-        if self.mode == RootMode::Pivot {
-            let opts = format!("size={size_mb}m,nr_inodes=16k,mode=0700,uid={uid},gid={gid}");
-            do_mount(
-                Some(Path::new("tmpfs")),
-                &scratch.path,
-                Some("tmpfs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                Some(&opts),
-            )?;
-            scratch.mounted = true;
-        } else {
-            nix::unistd::chown(&scratch.path, Some(uid.into()), Some(gid.into()))
-                .map_err(|e| err(e.into()))?;
-            fs::set_permissions(&scratch.path, fs::Permissions::from_mode(0o700)).map_err(err)?;
-        }
+        nix::unistd::chown(&scratch.path, Some(uid.into()), Some(gid.into()))
+            .map_err(|e| err(e.into()))?;
+        fs::set_permissions(&scratch.path, fs::Permissions::from_mode(0o700)).map_err(err)?;
         Ok(scratch)
     }
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if self.mounted {
-            // Detach: every process of the job is gone, but be robust anyway.
-            let _ = umount2(&self.path, MntFlags::MNT_DETACH);
-            let _ = fs::remove_dir(&self.path);
+impl Scratch {
+    /// The job's uid (and gid).
+    pub fn uid(&self) -> u32 {
+        self.lease.as_ref().map(|l| l.uid).unwrap_or(0)
+    }
+
+    /// Remove what the job left, once every process of it is gone: all of
+    /// the uid's tmpfs contents (its mode back to 0700), or the whole dir on
+    /// the host filesystem. `remove_dir_all` never follows a symlink, and the
+    /// job cannot mount anything, so nothing outside the tmpfs is touched.
+    fn clear(&self) -> std::io::Result<()> {
+        if self.reused {
+            for entry in fs::read_dir(&self.path)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    fs::remove_dir_all(entry.path())?;
+                } else {
+                    fs::remove_file(entry.path())?;
+                }
+            }
+            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))?;
         } else {
-            let _ = fs::remove_dir_all(&self.path);
+            fs::remove_dir_all(&self.path)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Scratch {
+    /// Clear, then hand the uid back; if clearing failed, the uid is retired
+    /// for the rest of this worker's life instead.
+    fn drop(&mut self) {
+        if let Err(e) = self.clear() {
+            tracing::error!(
+                path = %self.path.display(),
+                error = %e,
+                "could not clear a job's scratch dir; its uid is taken out of service"
+            );
+            if let Some(lease) = self.lease.take() {
+                lease.retire();
+            }
         }
     }
 }

@@ -10,14 +10,24 @@
 //!
 //! The order of the lock-down, and why each step sits where it does:
 //!
-//! 0. `clone3` with new pid, mount, ipc, uts and net namespaces: the
-//!    interpreter is pid 1 of its own tree, so killing it kills everything it
-//!    started, and it sees no host process, mount or network interface. Jobs
-//!    without network join one empty network namespace made at start-up
-//!    instead of a new one each (creating and destroying a network namespace
-//!    costs the kernel about a millisecond; those jobs cannot open a socket,
-//!    so they have nothing to share in it).
-//! 1. reset the signal mask and SIGPIPE: both survive `execve`.
+//! 0. `clone3` with new pid, ipc, uts and net namespaces: the interpreter is
+//!    pid 1 of its own tree, so killing it kills everything it started, and
+//!    it sees no host process or network interface. Jobs without network join
+//!    one empty network namespace made at start-up instead of a new one each
+//!    (creating and destroying a network namespace costs the kernel about a
+//!    millisecond; those jobs cannot open a socket, so they have nothing to
+//!    share in it).
+//! 1. reset the signal mask and SIGPIPE: both survive `execve`. Then (1b)
+//!    join the shared network namespace (jobs without network), and (1c) the
+//!    mount namespace held for the job's uid ([`hold_mount_namespace`]): its
+//!    root is the read-only runtime root, its `/tmp` the uid's scratch, and
+//!    the host's root was detached from it when it was made. A new mount
+//!    namespace per job cost three mount operations and two RCU grace
+//!    periods (the old root's detach, and the namespace's teardown at exit),
+//!    stalling every CPU; a job cannot change a mount namespace (no
+//!    capabilities, no mount calls), only the files in its `/tmp`, which are
+//!    removed before the uid runs anything else (`rootfs::Scratch`). Both
+//!    before step 3, which closes the namespace fds.
 //! 2. `setsid`: its own session and process group, so the worker can kill the
 //!    group and the job has no controlling terminal.
 //! 3. stdio and the key pipe onto fds 0-3, our control fds after them
@@ -29,10 +39,8 @@
 //!    exec, before handing over the job's code (`runner::Runner::start`).
 //!    Moving a task between cgroups waits for an RCU grace period in the
 //!    kernel, which this keeps off the start-up path.
-//! 5. bind the job's scratch dir onto the root's `/tmp`, `pivot_root` into the
-//!    read-only runtime root and detach the old root (or stay in a scratch dir
-//!    where the host gave us no mount namespace): needs CAP_SYS_ADMIN, so
-//!    before the drop.
+//! 5. `chdir` to `/tmp` in that root (or to the scratch dir on the host
+//!    filesystem, where the host gave us no mount namespace).
 //! 6. hostname, in the new uts namespace.
 //! 7. for jobs with network: `lo` up and a listening socket on 127.0.0.1:3128
 //!    in the job's own network namespace (the egress relay's door, see
@@ -77,7 +85,6 @@ steps!(
     Signals,
     Setsid,
     Fds,
-    Mounts,
     Root,
     Hostname,
     Network,
@@ -113,12 +120,8 @@ pub enum SpawnError {
 
 /// How the child enters its root.
 pub enum RootPlan<'a> {
-    /// Mount namespace: bind `scratch` on `root_tmp`, pivot into `root`.
-    Pivot {
-        root: &'a CStr,
-        root_tmp: &'a CStr,
-        scratch: &'a CStr,
-    },
+    /// Join the uid's mount namespace `ns` (see [`hold_mount_namespace`]).
+    Join { ns: RawFd },
     /// No root at all (the host allowed no mounts): stay on the host fs in `scratch`.
     None { scratch: &'a CStr },
 }
@@ -278,6 +281,69 @@ pub fn hold_namespace(flag: u64, proc_name: &str) -> Result<std::os::fd::OwnedFd
     }
 }
 
+/// A mount namespace for one uid's jobs, kept alive by an open fd: a child is
+/// cloned into a new mount namespace, binds `scratch` onto `root_tmp`,
+/// `pivot_root`s into `root` and detaches the old root (so no path leads back
+/// to the host), reports on a pipe and is killed. Made once per uid at
+/// start-up; jobs join it (step 1c).
+pub fn hold_mount_namespace(
+    root: &CStr,
+    root_tmp: &CStr,
+    scratch: &CStr,
+) -> Result<std::os::fd::OwnedFd, std::io::Error> {
+    let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let report = std::os::fd::AsRawFd::as_raw_fd(&report_w);
+    let args = CloneArgs {
+        flags: libc::CLONE_NEWNS as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: the child branch only makes raw syscalls on the C strings
+    // borrowed above (alive in its copy of the address space), then pauses
+    // until killed or exits.
+    match unsafe { clone3(&args) }? {
+        // SAFETY: in the child: raw mount calls, write, pause, _exit only.
+        0 => unsafe {
+            let ok = libc::mount(
+                scratch.as_ptr(),
+                root_tmp.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) == 0
+                && libc::chdir(root.as_ptr()) == 0
+                // pivot_root(".", "."): the old root ends up stacked on the
+                // new one and is detached at once.
+                && libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0
+                && libc::umount2(c".".as_ptr(), libc::MNT_DETACH) == 0
+                && libc::chdir(c"/".as_ptr()) == 0;
+            let errno = if ok { 0 } else { *libc::__errno_location() };
+            libc::write(report, (&errno as *const i32).cast(), 4);
+            loop {
+                libc::pause();
+            }
+        },
+        pid => {
+            drop(report_w);
+            let mut buf = [0u8; 4];
+            let got = nix::unistd::read(&report_r, &mut buf);
+            let opened = match (got, i32::from_ne_bytes(buf)) {
+                (Ok(4), 0) => std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+                    .map(std::os::fd::OwnedFd::from),
+                (Ok(4), errno) => Err(std::io::Error::from_raw_os_error(errno)),
+                _ => Err(std::io::Error::other("the namespace helper died")),
+            };
+            // SAFETY: kill and reap the child we just created.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                let mut status = 0;
+                libc::waitpid(pid, &mut status, 0);
+            }
+            opened
+        }
+    }
+}
+
 /// Decode what the child wrote to the error pipe, if anything.
 pub fn decode_error(buf: &[u8]) -> Option<SpawnError> {
     if buf.len() < 8 {
@@ -344,6 +410,11 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
             step!(err, Step::Network, libc::setns(netns, libc::CLONE_NEWNET));
         }
 
+        // 1c. The uid's mount namespace: root and cwd become its root.
+        if let RootPlan::Join { ns } = plan.root {
+            step!(err, Step::Root, libc::setns(ns, libc::CLONE_NEWNS));
+        }
+
         // 2. Session and process group.
         step!(err, Step::Setsid, libc::setsid());
 
@@ -384,38 +455,9 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
             libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32) as i32
         );
 
-        // 5. Root.
+        // 5. Working directory.
         match plan.root {
-            RootPlan::Pivot {
-                root,
-                root_tmp,
-                scratch,
-            } => {
-                step!(
-                    err,
-                    Step::Mounts,
-                    libc::mount(
-                        scratch.as_ptr(),
-                        root_tmp.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND,
-                        std::ptr::null()
-                    )
-                );
-                // pivot_root(".", "."): the old root ends up stacked on the new
-                // one and is detached at once, so no path leads back to the host.
-                step!(err, Step::Root, libc::chdir(root.as_ptr()));
-                step!(
-                    err,
-                    Step::Root,
-                    libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32
-                );
-                step!(
-                    err,
-                    Step::Root,
-                    libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
-                );
-                step!(err, Step::Root, libc::chdir(c"/".as_ptr()));
+            RootPlan::Join { .. } => {
                 step!(err, Step::Root, libc::chdir(plan.workdir.as_ptr()));
             }
             RootPlan::None { scratch } => {

@@ -47,10 +47,21 @@ pub struct UidPool {
 pub struct UidLease {
     pub uid: u32,
     free: Arc<Mutex<Vec<u32>>>,
+    retired: bool,
+}
+
+impl UidLease {
+    /// Never hand this uid out again (its scratch could not be cleared).
+    pub fn retire(mut self) {
+        self.retired = true;
+    }
 }
 
 impl Drop for UidLease {
     fn drop(&mut self) {
+        if self.retired {
+            return;
+        }
         if let Ok(mut free) = self.free.lock() {
             free.push(self.uid);
         }
@@ -117,6 +128,7 @@ impl UidPool {
         Some(UidLease {
             uid,
             free: self.free.clone(),
+            retired: false,
         })
     }
 }
