@@ -586,6 +586,11 @@ fn dangerous_syscalls_are_named_violations() {
         ("fork", 57),
         ("vfork", 58),
         ("execveat", 322),
+        // No IPC call: jobs share one empty IPC namespace (see the next test).
+        ("shmget", 29),
+        ("semget", 64),
+        ("msgget", 68),
+        ("mq_open", 240),
     ]
     .into_iter()
     .map(|(name, nr)| raw_syscall(name, nr))
@@ -852,4 +857,28 @@ fn nodejs_hostile() {
         ),
     ];
     run_cases(&mut c, &mut w, cases);
+}
+
+#[test]
+fn allowed_ipc_calls_get_each_job_its_own_ipc_namespace() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("hostile-ipc");
+    let _w = Worker::start(
+        &p,
+        &["--concurrency", "1", "--allow-syscall", "shmget,shmctl"],
+    );
+    let shm = |flags: &str| {
+        format!(
+            "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+             print(libc.shmget(4242, 4096, {flags}) >= 0, ctypes.get_errno())"
+        )
+    };
+    // IPC_CREAT | 0o600: made in this job's namespace...
+    let r = py(&mut c, &p, &shm("0o1600"));
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "True 0\n");
+    // ...and gone with it: the next job cannot find the key (ENOENT).
+    let r = py(&mut c, &p, &shm("0"));
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "False 2\n");
 }

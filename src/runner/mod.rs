@@ -355,12 +355,15 @@ impl Runner<'_> {
         // A mount namespace is joined (the uid's), never made per job: see
         // spawn, step 1c.
         let mut namespaces = sb.namespaces & !(libc::CLONE_NEWNS as u64);
-        let join_net = match (&sb.shared_netns, spec.network) {
-            (Some(netns), false) => Some(netns.as_raw_fd()),
-            _ => None,
-        };
-        if sb.net_namespace && join_net.is_none() {
-            namespaces |= libc::CLONE_NEWNET as u64;
+        let mut join = Vec::with_capacity(2);
+        match (&sb.shared_netns, spec.network) {
+            (Some(netns), false) => join.push((netns.as_raw_fd(), libc::CLONE_NEWNET)),
+            _ if sb.net_namespace => namespaces |= libc::CLONE_NEWNET as u64,
+            _ => {}
+        }
+        if let Some(ipcns) = &sb.shared_ipcns {
+            join.push((ipcns.as_raw_fd(), libc::CLONE_NEWIPC));
+            namespaces &= !(libc::CLONE_NEWIPC as u64);
         }
         let landlock = sb
             .landlock
@@ -387,7 +390,7 @@ impl Runner<'_> {
             control: ctl_child.as_raw_fd(),
             error: err_w.as_raw_fd(),
             namespaces,
-            join_net,
+            join: &join,
             root: root_plan,
             workdir: &workdir,
             hostname: b"sandbox",

@@ -358,3 +358,62 @@ pub const QUIET_DENY: &[(&str, i32, &str)] = &[
         "V8 probes memory protection keys and works without them",
     ),
 ];
+
+/// System V IPC and POSIX message queue calls: none is allowed by default, so
+/// jobs can create nothing in an IPC namespace and may share one empty
+/// namespace. An operator who allows any of these gets one per job.
+pub const IPC: &[&str] = &[
+    "ipc",
+    "msgctl",
+    "msgget",
+    "msgrcv",
+    "msgsnd",
+    "mq_getsetattr",
+    "mq_notify",
+    "mq_open",
+    "mq_timedreceive",
+    "mq_timedsend",
+    "mq_unlink",
+    "semctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "shmget",
+];
+
+/// Whether an `--allow-syscall` entry (plain, or `x86:`/`x32:` prefixed) is
+/// an IPC call.
+pub fn is_ipc(name: &str) -> bool {
+    let bare = name.rsplit(':').next().unwrap_or(name);
+    IPC.iter()
+        .any(|ipc| bare == *ipc || bare.strip_suffix("_time64") == Some(ipc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipc_calls_are_recognized_in_every_spelling() {
+        for name in [
+            "shmget",
+            "x86:semop",
+            "x32:msgrcv",
+            "semtimedop_time64",
+            "ipc",
+        ] {
+            assert!(is_ipc(name), "{name}");
+        }
+        for name in ["sendmsg", "getpid", "x86:getpid", "mq_", "shm"] {
+            assert!(!is_ipc(name), "{name}");
+        }
+        let allowed = COMMON.iter().chain(PYTHON).chain(NODEJS).chain(NETWORK);
+        assert!(
+            allowed.clone().all(|e| !is_ipc(e.name)),
+            "no IPC call is allowed by default, which is what lets jobs share an IPC namespace"
+        );
+    }
+}

@@ -151,6 +151,8 @@ pub struct Sandbox {
     pub net_namespace: bool,
     /// The empty network namespace jobs without network join.
     pub shared_netns: Option<std::os::fd::OwnedFd>,
+    /// The empty IPC namespace every job joins, where no IPC call is allowed.
+    pub shared_ipcns: Option<std::os::fd::OwnedFd>,
     /// Per uid, the mount namespace its jobs join (with a private root).
     pub mount_ns: HashMap<u32, std::os::fd::OwnedFd>,
     /// Landlock ABI version and, per language, the files jobs may execute.
@@ -225,7 +227,7 @@ impl Sandbox {
             (
                 "mount namespace",
                 libc::CLONE_NEWNS,
-                "one per uid, made once; the host root is detached",
+                "per uid, made once; host root detached",
             ),
             (
                 "ipc namespace",
@@ -234,16 +236,31 @@ impl Sandbox {
             ),
             ("uts namespace", libc::CLONE_NEWUTS, "own hostname"),
         ];
+        // Jobs share one empty IPC namespace unless the operator allowed an
+        // IPC call: with none allowed nothing can be created in it, and a
+        // namespace per job cost its creation and, at teardown, a kernel
+        // worker waiting out an RCU grace period.
+        let ipc_calls = config.allow_syscalls.iter().any(|s| allowlist::is_ipc(s));
+        let mut shared_ipcns = None;
         for (name, flag, what) in ns {
             let flag = flag as u64;
             let mount_ok = flag != libc::CLONE_NEWNS as u64 || config.private_mounts.is_ok();
-            let status = if mount_ok {
+            let mut status = if mount_ok {
                 probe_clone(flag).map(|_| "clone3 flag".to_owned())
             } else {
                 Err(config.private_mounts.clone().unwrap_err())
             };
             if status.is_ok() {
                 namespaces |= flag;
+                if flag == libc::CLONE_NEWIPC as u64 {
+                    status = Ok("one per job (IPC calls are allowed)".to_owned());
+                    if !ipc_calls {
+                        shared_ipcns = spawn::hold_namespace(flag, "ipc").ok();
+                        if shared_ipcns.is_some() {
+                            status = Ok("shared empty one; no IPC call is allowed".to_owned());
+                        }
+                    }
+                }
             }
             layers.push(name, what, status);
         }
@@ -414,6 +431,7 @@ impl Sandbox {
             namespaces,
             net_namespace,
             shared_netns,
+            shared_ipcns,
             mount_ns,
             landlock: landlock.ok(),
             python_path,

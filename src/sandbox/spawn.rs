@@ -10,7 +10,8 @@
 //!
 //! The order of the lock-down, and why each step sits where it does:
 //!
-//! 0. `clone3` with new pid, ipc, uts and net namespaces: the interpreter is
+//! 0. `clone3` with new pid and uts namespaces, and net and ipc ones unless
+//!    shared ones are joined instead (step 1b): the interpreter is
 //!    pid 1 of its own tree, so killing it kills everything it started, and
 //!    it sees no host process or network interface. Jobs without network join
 //!    one empty network namespace made at start-up instead of a new one each
@@ -18,7 +19,8 @@
 //!    millisecond; those jobs cannot open a socket, so they have nothing to
 //!    share in it).
 //! 1. reset the signal mask and SIGPIPE: both survive `execve`. Then (1b)
-//!    join the shared network namespace (jobs without network), and (1c) the
+//!    join the shared empty network namespace (jobs without network) and IPC
+//!    namespace (where no IPC call is allowed), and (1c) the
 //!    mount namespace held for the job's uid ([`hold_mount_namespace`]): its
 //!    root is the read-only runtime root, its `/tmp` the uid's scratch, and
 //!    the host's root was detached from it when it was made. A new mount
@@ -83,6 +85,7 @@ macro_rules! steps {
 
 steps!(
     Signals,
+    JoinNamespaces,
     Setsid,
     Fds,
     Root,
@@ -142,9 +145,11 @@ pub struct ChildPlan<'a> {
     /// Write end of the close-on-exec error pipe.
     pub error: RawFd,
     pub namespaces: u64,
-    /// A network namespace to join instead of creating one (jobs without
-    /// network share one empty namespace: they cannot open sockets at all).
-    pub join_net: Option<RawFd>,
+    /// Namespaces to join instead of creating them, as (fd, `CLONE_NEW*`):
+    /// the empty network namespace of jobs without network (they cannot
+    /// open sockets at all) and the empty IPC namespace (no IPC call is
+    /// allowed).
+    pub join: &'a [(RawFd, libc::c_int)],
     pub root: RootPlan<'a>,
     /// Working directory inside the root.
     pub workdir: &'a CStr,
@@ -405,14 +410,18 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
             fail(err, Step::Signals);
         }
 
-        // 1b. The shared empty network namespace, for jobs without network.
-        if let Some(netns) = plan.join_net {
-            step!(err, Step::Network, libc::setns(netns, libc::CLONE_NEWNET));
+        // 1b. The shared empty namespaces.
+        for &(ns, kind) in plan.join {
+            step!(err, Step::JoinNamespaces, libc::setns(ns, kind));
         }
 
         // 1c. The uid's mount namespace: root and cwd become its root.
         if let RootPlan::Join { ns } = plan.root {
-            step!(err, Step::Root, libc::setns(ns, libc::CLONE_NEWNS));
+            step!(
+                err,
+                Step::JoinNamespaces,
+                libc::setns(ns, libc::CLONE_NEWNS)
+            );
         }
 
         // 2. Session and process group.
