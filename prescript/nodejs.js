@@ -15,10 +15,26 @@ const sandq = (() => {
   const fs = require('fs');
   const vm = require('vm');
   const userRequire = require('module').createRequire('/tmp/code.js');
+  // Empty when this interpreter was started ahead of its job.
+  const blobs = { preload: '{{preload}}', code: '{{code}}' };
   // Streams are created on first use, which costs milliseconds: do it before
   // waiting for the job, not after.
   void process.stdout;
   void process.stderr;
+  if (blobs.code === '') {
+    // console.log compiles its formatting code on first use (about half a
+    // millisecond): a pre-started interpreter runs it once, into nothing.
+    const stdout = process.stdout;
+    const own = Object.prototype.hasOwnProperty.call(stdout, 'write');
+    const write = stdout.write;
+    stdout.write = () => true;
+    try {
+      console.log('%s %d %j', '', 0, {}, [0], { a: '' });
+    } finally {
+      if (own) stdout.write = write;
+      else delete stdout.write;
+    }
+  }
   // fd 3: the key, then (when this interpreter was started ahead of its job)
   // the preload and the code, one base64 line each. Reading it to EOF is also
   // how a pre-started interpreter waits for its one job.
@@ -42,8 +58,8 @@ const sandq = (() => {
   const warm = parts.length >= 3;
   return {
     network: {{enable_network}},
-    preload: reveal(warm ? parts[1] : '{{preload}}'),
-    code: reveal(warm ? parts[2] : '{{code}}'),
+    preload: reveal(warm ? parts[1] : blobs.preload),
+    code: reveal(warm ? parts[2] : blobs.code),
     require: userRequire,
     vm,
   };

@@ -128,7 +128,8 @@ fn self_test(sandbox: &Sandbox, output_limit: usize) -> Result<Vec<String>, CliE
             cancel: None,
             egress: Arc::default(),
         };
-        let outcome = Runner { sandbox }.run(&job, &opts);
+        // The teardown is dropped (waited for) right here.
+        let outcome = Runner { sandbox }.run(&job, &opts).map(|f| f.outcome);
         match outcome {
             Ok(o) if o.status == Status::Ok && o.stdout == "sandq-self-test\n" => {
                 notes.push(format!(
@@ -427,7 +428,7 @@ pub fn run(args: RunArgs, learn: bool) -> Result<ExitCode, CliError> {
         cancel: None,
         egress: Arc::new(settings.egress.clone()),
     };
-    let outcome = Runner { sandbox: &sandbox }.run(&job, &opts)?;
+    let outcome = Runner { sandbox: &sandbox }.run(&job, &opts)?.outcome;
     if learn {
         return Ok(print_profile(language, &outcome));
     }

@@ -19,7 +19,7 @@ use crate::metrics::{Metrics, Readiness};
 use crate::queue::{now_ms, Begin, Queue, QueueError};
 use crate::runner::egress::EgressPolicy;
 use crate::runner::pool::Pool;
-use crate::runner::{Outcome, RunOptions, Runner};
+use crate::runner::{Finished, Outcome, RunOptions, Runner};
 use crate::sandbox::Sandbox;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -582,13 +582,18 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         in_flight.set_id(raw, &job.id);
         shared.metrics.in_flight.inc();
         let started = Instant::now();
-        let outcome = run_blocking(shared, job.clone()).await;
-        // The slot is free as soon as the interpreter is gone; the result's
-        // delivery overlaps the next job.
-        drop(slot);
+        let finished = run_blocking(shared, job.clone()).await;
         shared.metrics.in_flight.dec();
+        // The kernel tears the process down while the result goes out; the
+        // slot (and with it the uid) is free once both are done.
+        let (outcome, teardown) = match finished {
+            Ok(Finished { outcome, teardown }) => (Ok(outcome), Some(teardown)),
+            Err(e) => (Err(e), None),
+        };
+        let teardown = teardown.map(|t| tokio::task::spawn_blocking(move || drop(t)));
         if outcome.as_ref().is_ok_and(|o| o.cancelled) {
             // Stopped by the drain, which hands it back to the queue.
+            settle(teardown).await;
             return Done::Stopped;
         }
         let result = match outcome {
@@ -620,6 +625,8 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         );
         let ran = Instant::now();
         deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
+        settle(teardown).await;
+        drop(slot);
         debug!(
             before_run_ms = (started - taken).as_secs_f64() * 1e3,
             run_ms = (ran - started).as_secs_f64() * 1e3,
@@ -630,6 +637,15 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
     }
     .instrument(span)
     .await
+}
+
+/// Wait for a run's teardown (see `runner::Teardown`) to be done.
+async fn settle(teardown: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(t) = teardown {
+        if let Err(e) = t.await {
+            error!(error = %e, "a job's teardown failed");
+        }
+    }
 }
 
 /// A job past its `expires_at_ms` is answered `rejected` instead of run.
@@ -651,7 +667,7 @@ async fn reject_if_expired(shared: &Shared, raw: &[u8], job: &Job, reply_key: &s
     true
 }
 
-async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Outcome, String> {
+async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Finished, String> {
     let s = shared.clone();
     tokio::task::spawn_blocking(move || {
         let opts = RunOptions {

@@ -257,6 +257,51 @@ fn python_starts_without_site_but_keeps_what_site_gives() {
 }
 
 #[test]
+fn status_output_and_usage_are_taken_at_the_exit_call() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("exit-call");
+    let _w = Worker::start(&p, &["--concurrency", "2"]);
+    // The result is made when the job calls exit_group, before the kernel
+    // has torn the process down: everything it wrote must be there, with
+    // its status and what it used.
+    let r = py(
+        &mut c,
+        &p,
+        "import sys, time\n\
+         block = bytearray(80 * 1024 * 1024)\n\
+         for i in range(0, len(block), 4096): block[i] = 1\n\
+         end = time.process_time() + 0.05\n\
+         while time.process_time() < end: pass\n\
+         sys.stdout.write('x' * 300000)\n\
+         sys.stderr.write('bye\\n')\n\
+         sys.exit(7)",
+    );
+    assert_status(&r, "error");
+    assert_eq!(r["exit_code"], 7);
+    assert_eq!(r["stdout"].as_str().unwrap().len(), 300_000);
+    assert_eq!(r["stderr"], "bye\n");
+    assert!(r["cpu_ms"].as_u64().unwrap() >= 40, "{}", r["cpu_ms"]);
+    assert!(
+        r["max_rss_kb"].as_u64().unwrap() >= 80 * 1024,
+        "{}",
+        r["max_rss_kb"]
+    );
+    let r = run_job(
+        &mut c,
+        &p,
+        json!({"language": "nodejs", "code": "process.stdout.write('y'.repeat(300000));\nsetTimeout(() => { console.error('late'); process.exitCode = 5; }, 30);"}),
+    );
+    assert_status(&r, "error");
+    assert_eq!(r["exit_code"], 5);
+    assert_eq!(r["stdout"].as_str().unwrap().len(), 300_000);
+    assert_eq!(r["stderr"], "late\n");
+    // The slot and the uid came back: the worker goes on.
+    for _ in 0..5 {
+        assert_status(&py(&mut c, &p, "print('next')"), "ok");
+    }
+}
+
+#[test]
 fn output_flood_is_capped_and_worker_survives() {
     let Some(mut c) = redis() else { return };
     let p = prefix("flood");

@@ -88,7 +88,7 @@ pub struct Outcome {
     pub error: Option<String>,
     pub violation: Option<Violation>,
     /// Wall time from handing the job over (exec done, or the code written
-    /// to a pre-started interpreter) to the reap.
+    /// to a pre-started interpreter) to its exit.
     pub duration: Duration,
     /// From clone to exec done (for a pre-started interpreter: when it was
     /// started, ahead of the job).
@@ -177,7 +177,7 @@ impl Started {
 
 impl Runner<'_> {
     /// Run one job from start to end in a freshly started interpreter.
-    pub fn run(&self, job: &Job, opts: &RunOptions) -> Result<Outcome, RunError> {
+    pub fn run(&self, job: &Job, opts: &RunOptions) -> Result<Finished, RunError> {
         let started = self.start(&StartSpec {
             language: job.language,
             network: job.enable_network,
@@ -463,7 +463,7 @@ impl Runner<'_> {
     /// changing another process's limits needs CAP_SYS_RESOURCE, which
     /// container runtimes often withhold, and the wall-clock timeout is the
     /// per-job bound.
-    pub fn finish(&self, s: Started, job: &Job, opts: &RunOptions) -> Result<Outcome, RunError> {
+    pub fn finish(&self, s: Started, job: &Job, opts: &RunOptions) -> Result<Finished, RunError> {
         let sb = self.sandbox;
         let t_limits = Instant::now();
         let payload = if s.pre_started {
@@ -494,27 +494,32 @@ impl Runner<'_> {
             deadline,
             learn: opts.learn,
             cancel: opts.cancel,
+            cgroup: s.cgroup.as_ref(),
         }
         .run();
         let duration = handed_at.elapsed();
-        let t_cg = Instant::now();
-        let cg = s.cgroup.as_ref().map(|c| c.report()).unwrap_or_default();
-        drop(s.cgroup);
-        let t_scratch = Instant::now();
-        drop(s.scratch);
+        // Read at exit_group, or now that the process is reaped.
+        let cg = match capture.cgroup {
+            Some(report) => report,
+            None => s.cgroup.as_ref().map(|c| c.report()).unwrap_or_default(),
+        };
         tracing::debug!(
             limits_ms = (handed_at - t_limits).as_secs_f64() * 1e3,
             run_ms = duration.as_secs_f64() * 1e3,
-            cgroup_ms = (t_scratch - t_cg).as_secs_f64() * 1e3,
-            scratch_ms = t_scratch.elapsed().as_secs_f64() * 1e3,
+            exiting = capture.exiting,
             "finish timings"
         );
+        let teardown = Teardown {
+            child: capture.exiting.then_some(s.child),
+            cgroup: s.cgroup,
+            scratch: Some(s.scratch),
+        };
 
         let mut usage = capture.usage;
         if let Some(peak) = cg.peak_memory_bytes {
             usage.max_rss_kb = usage.max_rss_kb.max(peak / 1024);
         }
-        Ok(classify(
+        let outcome = classify(
             job,
             capture,
             cg,
@@ -522,7 +527,45 @@ impl Runner<'_> {
             duration,
             s.spawn_duration,
             sb.config.pids_max,
-        ))
+        );
+        Ok(Finished { outcome, teardown })
+    }
+}
+
+/// A finished run: its outcome, and what is left of it.
+pub struct Finished {
+    pub outcome: Outcome,
+    pub teardown: Teardown,
+}
+
+/// What is left of a finished run: its process when it ended with
+/// `exit_group` (still being torn down by the kernel), its cgroup, and its
+/// scratch dir, which holds the uid. Dropping it waits for the process to be
+/// gone, then removes the cgroup, empties the scratch dir and gives the uid
+/// back, in that order; so the next job of that uid never meets anything of
+/// this one. The wait can take milliseconds: drop it on a blocking thread,
+/// while the result is on its way.
+pub struct Teardown {
+    child: Option<spawn::Spawned>,
+    cgroup: Option<crate::sandbox::cgroup::JobCgroup>,
+    scratch: Option<crate::sandbox::rootfs::Scratch>,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        let t = Instant::now();
+        if let Some(child) = self.child.take() {
+            // Past its exit_group already; the kill only makes sure.
+            supervise::kill_and_reap(&child);
+        }
+        let reaped = t.elapsed();
+        drop(self.cgroup.take());
+        drop(self.scratch.take());
+        tracing::debug!(
+            reap_ms = reaped.as_secs_f64() * 1e3,
+            cleanup_ms = (t.elapsed() - reaped).as_secs_f64() * 1e3,
+            "teardown"
+        );
     }
 }
 

@@ -7,9 +7,18 @@
 //! then answer EPERM, so the call can never succeed. `execve` is parked the
 //! same way: the first one (ours, from the child before it became the
 //! interpreter) is let through, every later one is a violation.
+//!
+//! `exit_group` is parked too: that is the moment the job is over. Its output
+//! is all in the pipes (the exiting thread wrote it; exit kills the others),
+//! so the loop drains them, takes the exit status from the call's argument
+//! and the resource use from the still-living process, lets the call through
+//! and returns. The kernel's teardown of the process (unmapping a V8 heap
+//! takes milliseconds) then overlaps the delivery of the result; the process
+//! is reaped afterwards (`runner::Teardown`).
 
 use super::RunError;
 use crate::job::Violation;
+use crate::sandbox::cgroup::{CgroupReport, JobCgroup};
 use crate::sandbox::seccomp::{foreign_syscall_name, syscall_name};
 use crate::sandbox::spawn::{decode_error, Spawned};
 use libseccomp::{ScmpArch, ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags};
@@ -46,6 +55,10 @@ pub struct Captured {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub usage: Usage,
+    /// The job ended with `exit_group`: the process is still going away and
+    /// must be reaped; `cgroup` was read at that moment.
+    pub exiting: bool,
+    pub cgroup: Option<CgroupReport>,
 }
 
 /// `poll` on a single fd; true when it is ready before `timeout`.
@@ -165,8 +178,35 @@ pub fn kill(child: &Spawned) {
     }
 }
 
+/// CPU time and peak resident memory of the job's process while it is
+/// still alive (parked in `exit_group`): its process CPU clock, which counts
+/// every thread, and the kernel's high-water mark of its RSS.
+fn usage_of_live(pid: libc::pid_t) -> Usage {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: plain out-parameters on the stack.
+    let cpu_ms = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        if libc::clock_getcpuclockid(pid, &mut clock) == 0
+            && libc::clock_gettime(clock, &mut ts) == 0
+        {
+            ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+        } else {
+            0
+        }
+    };
+    let max_rss_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0);
+    Usage { cpu_ms, max_rss_kb }
+}
+
 /// Wait for the child and collect its status and resource use.
-fn reap(child: &Spawned) -> (Option<i32>, Option<i32>, Usage) {
+pub fn reap(child: &Spawned) -> (Option<i32>, Option<i32>, Usage) {
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -221,6 +261,8 @@ pub struct Supervisor<'a> {
     pub deadline: Instant,
     pub learn: bool,
     pub cancel: Option<RawFd>,
+    /// Read at the job's `exit_group`, while its memory is still charged.
+    pub cgroup: Option<&'a JobCgroup>,
 }
 
 /// Most pipes a job is fed through (fd 3 and stdin).
@@ -324,6 +366,8 @@ impl Supervisor<'_> {
         let mut cancelled = false;
         let mut violation = None;
         let mut unlisted: Vec<String> = Vec::new();
+        // Set when the job called exit_group: (status, usage, cgroup report).
+        let mut exit: Option<(i32, Usage, Option<CgroupReport>)> = None;
 
         loop {
             let streams_open = out.fd.is_some() || err.fd.is_some();
@@ -397,12 +441,33 @@ impl Supervisor<'_> {
                 if let Some(fd) = &listener {
                     if let Ok(req) = ScmpNotifReq::receive(fd.as_raw_fd()) {
                         let nr = i32::from(req.data.syscall);
-                        let name = if req.data.arch == ScmpArch::native() {
+                        let native = req.data.arch == ScmpArch::native();
+                        let name = if native {
                             syscall_name(nr)
                         } else {
                             foreign_syscall_name(nr, req.data.arch)
                         };
-                        if self.learn {
+                        if native && nr == libc::SYS_exit_group as i32 {
+                            // The end of the job (see the module doc). Unless it
+                            // is already being stopped, everything the result
+                            // needs is read now, while the process is parked.
+                            if !killed {
+                                if out.read(self.output_limit) || err.read(self.output_limit) {
+                                    output_limited = true;
+                                    killed = true;
+                                    kill(self.child);
+                                } else {
+                                    exit = Some((
+                                        (req.data.args[0] & 0xff) as i32,
+                                        usage_of_live(self.child.pid),
+                                        self.cgroup.map(JobCgroup::report),
+                                    ));
+                                }
+                            }
+                            let _ =
+                                ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty())
+                                    .respond(fd.as_raw_fd());
+                        } else if self.learn {
                             if !unlisted.contains(&name) {
                                 unlisted.push(name);
                             }
@@ -460,13 +525,26 @@ impl Supervisor<'_> {
                 // without a pid namespace): make sure they go too.
                 kill(self.child);
             }
+            if exit.is_some() {
+                // Best effort for a write another thread raced with the exit.
+                out.read(self.output_limit);
+                err.read(self.output_limit);
+                break;
+            }
         }
         drop(inputs);
         drop(listener);
-        if exited_at.is_none() {
-            kill(self.child);
-        }
-        let (exit_code, signal, usage) = reap(self.child);
+        let exiting = exit.is_some();
+        let (exit_code, signal, usage, cgroup) = match exit {
+            Some((status, usage, cgroup)) => (Some(status), None, usage, cgroup),
+            None => {
+                if exited_at.is_none() {
+                    kill(self.child);
+                }
+                let (exit_code, signal, usage) = reap(self.child);
+                (exit_code, signal, usage, None)
+            }
+        };
         Captured {
             stdout: out.buf,
             stderr: err.buf,
@@ -481,6 +559,8 @@ impl Supervisor<'_> {
             exit_code,
             signal,
             usage,
+            exiting,
+            cgroup,
         }
     }
 }

@@ -78,7 +78,10 @@ pub const COMMON: &[Entry] = &[
         "exit",
         "a thread ending (Python threads, V8 and libuv workers)",
     ),
-    allow("exit_group", "the process ending"),
+    allow(
+        "exit_group",
+        "the process ending; parked for the supervisor, which takes the exit status there and lets it through",
+    ),
     allow("fchdir", "os.fchdir; stays inside the pivoted root"),
     allow(
         "fcntl",
