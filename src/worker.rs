@@ -625,12 +625,14 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         );
         let ran = Instant::now();
         deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
+        let delivered = Instant::now();
         settle(teardown).await;
         drop(slot);
         debug!(
             before_run_ms = (started - taken).as_secs_f64() * 1e3,
             run_ms = (ran - started).as_secs_f64() * 1e3,
-            deliver_ms = ran.elapsed().as_secs_f64() * 1e3,
+            deliver_ms = (delivered - ran).as_secs_f64() * 1e3,
+            settle_ms = delivered.elapsed().as_secs_f64() * 1e3,
             "where the time went"
         );
         Done::Finished

@@ -22,6 +22,7 @@ pub use keys::Keys;
 use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,11 @@ pub struct Queue {
     pub worker_id: String,
     client: redis::Client,
     pool: Pool,
+    /// One multiplexed connection, taken from the pool once and shared by
+    /// every operation until one fails: a pool checkout first pings Redis (a
+    /// round trip per operation), and a multiplexed connection serves any
+    /// number of concurrent callers anyway.
+    shared: Arc<Mutex<Option<MultiplexedConnection>>>,
     begin: Script,
     complete: Script,
     dead_letter: Script,
@@ -87,6 +93,7 @@ impl Queue {
             worker_id: worker_id.to_owned(),
             client,
             pool,
+            shared: Arc::default(),
             begin: Script::new(include_str!("begin.lua")),
             complete: Script::new(include_str!("complete.lua")),
             dead_letter: Script::new(include_str!("dead_letter.lua")),
@@ -96,11 +103,30 @@ impl Queue {
         })
     }
 
-    async fn conn(&self, op: &'static str) -> Result<deadpool_redis::Connection, QueueError> {
-        self.pool.get().await.map_err(|e| QueueError::Connection {
+    async fn conn(&self, op: &'static str) -> Result<MultiplexedConnection, QueueError> {
+        if let Some(conn) = self.shared.lock().ok().and_then(|c| c.clone()) {
+            return Ok(conn);
+        }
+        let pooled = self.pool.get().await.map_err(|e| QueueError::Connection {
             op,
             message: e.to_string(),
-        })
+        })?;
+        let conn = deadpool_redis::Connection::take(pooled);
+        if let Ok(mut shared) = self.shared.lock() {
+            *shared = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    /// `redis_err`, and the shared connection is dropped: the next operation
+    /// takes a fresh (pinged) one from the pool.
+    fn failed(&self, op: &'static str) -> impl FnOnce(redis::RedisError) -> QueueError + '_ {
+        move |source| {
+            if let Ok(mut shared) = self.shared.lock() {
+                *shared = None;
+            }
+            QueueError::Redis { op, source }
+        }
     }
 
     /// A dedicated connection for blocking commands: no response timeout.
@@ -140,9 +166,9 @@ impl Queue {
             .key(self.keys.attempts())
             .key(self.keys.done(id))
             .arg(id)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("begin"))?;
+            .map_err(self.failed("begin"))?;
         Ok(match stored {
             Some(result) => Begin::Answered(result),
             None => Begin::Run { attempt },
@@ -173,9 +199,9 @@ impl Queue {
             .arg(raw)
             .arg(id)
             .arg(if remember { "1" } else { "0" })
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("complete"))?;
+            .map_err(self.failed("complete"))?;
         Ok(pushed == 1)
     }
 
@@ -200,9 +226,9 @@ impl Queue {
             .key(self.keys.processing(&self.worker_id))
             .arg(entry.to_string())
             .arg(raw)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("dead_letter"))?;
+            .map_err(self.failed("dead_letter"))?;
         Ok(())
     }
 
@@ -216,9 +242,9 @@ impl Queue {
             .key(self.keys.attempts())
             .arg(raw)
             .arg(id.unwrap_or(""))
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("requeue"))?;
+            .map_err(self.failed("requeue"))?;
         Ok(moved == 1)
     }
 
@@ -239,9 +265,9 @@ impl Queue {
             .arg(now_ms())
             .arg(&self.worker_id)
             .ignore()
-            .query_async::<()>(&mut *conn)
+            .query_async::<()>(&mut conn)
             .await
-            .map_err(redis_err("heartbeat"))
+            .map_err(self.failed("heartbeat"))
     }
 
     /// Move the jobs of workers whose heartbeat expired back to the queue.
@@ -254,9 +280,9 @@ impl Queue {
             .arg(self.keys.prefix())
             .arg(now_ms())
             .arg(stale_after.as_millis() as u64)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("reap"))
+            .map_err(self.failed("reap"))
     }
 
     /// Leave cleanly: hand back what is left, drop heartbeat and registration.
@@ -268,9 +294,9 @@ impl Queue {
             .key(self.keys.worker(&self.worker_id))
             .key(self.keys.workers())
             .arg(&self.worker_id)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("deregister"))
+            .map_err(self.failed("deregister"))
     }
 
     /// Everything in this worker's processing list.
@@ -280,19 +306,19 @@ impl Queue {
             .arg(self.keys.processing(&self.worker_id))
             .arg(0)
             .arg(-1)
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await
-            .map_err(redis_err("reconcile"))
+            .map_err(self.failed("reconcile"))
     }
 
     /// Whether Redis answers a PING.
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut conn = self.conn("ping").await?;
         redis::cmd("PING")
-            .query_async::<String>(&mut *conn)
+            .query_async::<String>(&mut conn)
             .await
             .map(|_| ())
-            .map_err(redis_err("ping"))
+            .map_err(self.failed("ping"))
     }
 
     /// Lengths of the queue, the dead list and this worker's processing list.
@@ -302,9 +328,9 @@ impl Queue {
             .llen(self.keys.queue())
             .llen(self.keys.dead())
             .llen(self.keys.processing(&self.worker_id))
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await
-            .map_err(redis_err("depth"))
+            .map_err(self.failed("depth"))
     }
 }
 
