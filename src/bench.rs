@@ -1,11 +1,14 @@
 //! `sandq bench`: sandq against the bare interpreter, on this machine, now.
 //!
-//! Baseline: the interpreter spawned directly with an empty environment
-//! (sequential median/p99, and throughput with one spawner per core). Then a
-//! real worker process, started from this binary, measured end to end through
-//! Redis (RPUSH of the job to BLPOP of its result): first cold (`--pool-size
-//! 0`), then warm (the default pool). Ratios are sandq / bare. It only prints;
-//! nothing here is asserted.
+//! Baseline: the interpreter spawned directly with an empty environment.
+//! Against it, two real worker processes started from this binary, one cold
+//! (`--pool-size 0`) and one warm (the default pool), measured end to end
+//! through Redis (RPUSH of the job to BLPOP of its result). These machines'
+//! speed drifts by tens of percent within a minute, so figures that are
+//! compared are taken side by side: the sequential series interleave bare,
+//! cold and warm one run at a time, and throughput alternates rounds of bare
+//! spawning and of each path, each ratio taken within its round. Ratios are
+//! sandq / bare. It only prints; nothing here is asserted.
 
 use crate::config::BenchArgs;
 use serde_json::json;
@@ -218,10 +221,32 @@ fn through_redis(
     Ok(elapsed)
 }
 
+/// One line of the table: a sequential series and a throughput, both taken
+/// next to the bare line of the same language.
 struct Line {
     name: String,
     seq: Series,
     rate: f64,
+    /// Median over the rounds of this rate / the bare rate of the same round.
+    rate_ratio: f64,
+}
+
+/// Throughput rounds per line: bare and sandq alternate, so every ratio
+/// compares figures taken a few seconds apart (these machines' speed drifts).
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// A path through sandq: a worker and where its jobs go.
+struct Path {
+    name: &'static str,
+    worker: WorkerProc,
+    prefix: String,
+    peak_kb: Arc<AtomicU64>,
+    idle_kb: u64,
 }
 
 pub fn run(args: BenchArgs) -> Result<(), BenchError> {
@@ -235,89 +260,121 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         "sandq bench {} on {cores} cores, kernel {kernel}",
         env!("CARGO_PKG_VERSION")
     );
+    let per_round = (args.runs / 2 / ROUNDS).max(1);
     println!(
-        "sequential: {} runs per line (median, p99); throughput: {} parallel clients x {} runs",
-        args.runs,
-        args.parallel,
-        args.runs / 2
+        "sequential: {} runs per line, bare, cold and warm interleaved (median, p99); \
+         throughput: {ROUNDS} rounds of bare ({cores} spawners) then sandq ({} clients), {per_round} runs per spawner or client",
+        args.runs, args.parallel
     );
     let client = redis::Client::open(args.redis.as_str())?;
-    let prefix = format!("sandq-bench:{}", std::process::id());
-    let mut lines: Vec<Line> = Vec::new();
-    let mut rss = Vec::new();
-
-    for s in &SNIPPETS {
-        // Baseline.
-        let _ = bare_once(s)?;
-        let mut samples = Vec::new();
-        for _ in 0..args.runs {
-            samples.push(bare_once(s)?);
-        }
-        let idx = SNIPPETS
-            .iter()
-            .position(|x| x.language == s.language)
-            .unwrap_or(0);
-        let rate = throughput(cores, args.runs / 2, move |_| {
-            bare_once(&SNIPPETS[idx]).map(|_| ())
-        })?;
-        lines.push(Line {
-            name: format!("{} bare spawn", s.language),
-            seq: series(samples),
-            rate,
+    let base = format!("sandq-bench:{}", std::process::id());
+    // Both workers run at once, so that each sequential sample of a path is
+    // taken next to the others; only one is ever loaded.
+    let mut paths = Vec::new();
+    for (name, pool) in [("cold", 0usize), ("warm", cores)] {
+        let prefix = format!("{base}:{name}");
+        let worker = WorkerProc::start(&args.redis, &prefix, cores, pool)?;
+        paths.push(Path {
+            name,
+            worker,
+            prefix,
+            peak_kb: Arc::new(AtomicU64::new(0)),
+            idle_kb: 0,
         });
     }
+    // Let the pools fill and the workers settle.
+    std::thread::sleep(Duration::from_millis(1500));
+    for path in &mut paths {
+        path.idle_kb = path.worker.rss_kb();
+        path.peak_kb.store(path.idle_kb, Ordering::Relaxed);
+    }
 
-    for (path, pool) in [("cold", 0usize), ("warm", cores)] {
-        let worker = WorkerProc::start(&args.redis, &prefix, cores, pool)?;
-        // Let the pool fill and the worker settle.
-        std::thread::sleep(Duration::from_millis(1500));
-        let idle = worker.rss_kb();
-        let peak = Arc::new(AtomicU64::new(idle));
-        for s in &SNIPPETS {
-            let mut conn = client.get_connection()?;
+    let mut lines: Vec<Line> = Vec::new();
+    let mut conn = client.get_connection()?;
+    for (idx, s) in SNIPPETS.iter().enumerate() {
+        // Warm-up of every path, then the interleaved sequential series.
+        let _ = bare_once(s)?;
+        for path in &paths {
             for _ in 0..3 {
-                through_redis(&mut conn, &prefix, s.language, s.code)?;
+                through_redis(&mut conn, &path.prefix, s.language, s.code)?;
             }
-            let mut samples = Vec::new();
-            for _ in 0..args.runs {
-                samples.push(through_redis(&mut conn, &prefix, s.language, s.code)?);
-                // A client that waits between jobs, on both paths, so that the
-                // warm line measures a pool that keeps up (refilling takes one
-                // cold start); the throughput lines measure it under load.
-                std::thread::sleep(Duration::from_millis(60));
-            }
-            let seq = series(samples);
-            let (prefix2, language, code) = (prefix.clone(), s.language, s.code);
-            let pid = worker.child.id();
-            let peak2 = peak.clone();
-            // One connection per client thread, opened before the clock starts.
-            let conns: Vec<Mutex<redis::Connection>> = (0..args.parallel)
-                .map(|_| client.get_connection().map(Mutex::new))
-                .collect::<Result<_, _>>()?;
-            let per_client = args.runs / 2;
-            let rate = throughput(args.parallel, per_client, move |n| {
-                let mut c = conns[n / per_client.max(1)]
-                    .lock()
-                    .map_err(|_| BenchError::Worker("a bench thread panicked".into()))?;
-                through_redis(&mut c, &prefix2, language, code)?;
-                if n % 10 == 0 {
-                    peak2.fetch_max(rss_of(pid), Ordering::Relaxed);
+        }
+        let mut bare = Vec::new();
+        let mut sandq: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
+        for run in 0..args.runs {
+            // Each path takes each place in the order equally often: the
+            // first run after the pause below is slower (cold caches).
+            for turn in 0..=paths.len() {
+                match (run + turn) % (paths.len() + 1) {
+                    0 => bare.push(bare_once(s)?),
+                    i => {
+                        let path = &paths[i - 1];
+                        let t = through_redis(&mut conn, &path.prefix, s.language, s.code)?;
+                        sandq[i - 1].push(t);
+                    }
                 }
-                Ok(())
+            }
+            // A client that waits between jobs, so that the warm line
+            // measures a pool that keeps up (refilling takes one cold start);
+            // the throughput lines measure it under load.
+            std::thread::sleep(Duration::from_millis(60));
+        }
+
+        // Throughput: rounds of bare, then each path.
+        let mut bare_rates = Vec::new();
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        for _ in 0..ROUNDS {
+            let bare_rate = throughput(cores, per_round, move |_| {
+                bare_once(&SNIPPETS[idx]).map(|_| ())
             })?;
+            bare_rates.push(bare_rate);
+            for (i, path) in paths.iter().enumerate() {
+                // One connection per client, opened before the clock starts.
+                let conns: Vec<Mutex<redis::Connection>> = (0..args.parallel)
+                    .map(|_| client.get_connection().map(Mutex::new))
+                    .collect::<Result<_, _>>()?;
+                let (prefix, language, code) = (path.prefix.clone(), s.language, s.code);
+                let pid = path.worker.child.id();
+                let peak = path.peak_kb.clone();
+                let rate = throughput(args.parallel, per_round, move |n| {
+                    let mut c = conns[n / per_round]
+                        .lock()
+                        .map_err(|_| BenchError::Worker("a bench thread panicked".into()))?;
+                    through_redis(&mut c, &prefix, language, code)?;
+                    if n % 10 == 0 {
+                        peak.fetch_max(rss_of(pid), Ordering::Relaxed);
+                    }
+                    Ok(())
+                })?;
+                rates[i].push(rate);
+                ratios[i].push(rate / bare_rate);
+            }
+        }
+        lines.push(Line {
+            name: format!("{} bare spawn", s.language),
+            seq: series(bare),
+            rate: median(bare_rates),
+            rate_ratio: 1.0,
+        });
+        for (i, path) in paths.iter().enumerate() {
             lines.push(Line {
-                name: format!("{} sandq {path}", s.language),
-                seq,
-                rate,
+                name: format!("{} sandq {}", s.language, path.name),
+                seq: series(std::mem::take(&mut sandq[i])),
+                rate: median(std::mem::take(&mut rates[i])),
+                rate_ratio: median(std::mem::take(&mut ratios[i])),
             });
         }
-        rss.push((path, idle, peak.load(Ordering::Relaxed)));
-        drop(worker);
     }
+    let rss: Vec<(&str, u64, u64)> = paths
+        .iter()
+        .map(|p| (p.name, p.idle_kb, p.peak_kb.load(Ordering::Relaxed)))
+        .collect();
+    drop(paths);
     // Remove what the bench left (results are popped; done markers remain).
     if let Ok(mut conn) = client.get_connection() {
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}:*"))
+            .arg(format!("{base}:*"))
             .query(&mut conn)
             .unwrap_or_default();
         for k in keys {
@@ -335,16 +392,16 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         let bare = lines
             .iter()
             .find(|b| b.name == format!("{language} bare spawn"))
-            .map(|b| (b.seq.median, b.rate))
-            .unwrap_or((1.0, 1.0));
+            .map(|b| b.seq.median)
+            .unwrap_or(1.0);
         println!(
             "{:<24} {:>10.2} {:>10.2} {:>10.2} {:>12.1} {:>10.2}",
             l.name,
             l.seq.median,
             l.seq.p99,
-            l.seq.median / bare.0,
+            l.seq.median / bare,
             l.rate,
-            l.rate / bare.1
+            l.rate_ratio
         );
     }
     println!();
