@@ -179,7 +179,8 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     metrics.slots.set(cfg.concurrency as i64);
-    // Jobs held at once: running, taken ahead, or delivering their result.
+    // Jobs held at once: running, taken ahead, or delivering their result;
+    // so also the bound on results waiting for Redis during an outage.
     let capacity = cfg.concurrency + cfg.prefetch;
     let held = Arc::new(Semaphore::new(capacity));
     let tracker = TaskTracker::new();
@@ -336,8 +337,8 @@ fn redis_up(shared: &Shared) {
 
 /// Run a Redis operation until it succeeds, backing off between tries. For
 /// what a job must not lose (its result, its dead letter): the job is safe in
-/// the processing list meanwhile, and its slot stays taken, which bounds how
-/// much waits this way.
+/// the processing list meanwhile, and stays held (no new job is taken in its
+/// place), which bounds how much waits this way.
 async fn until_done<T, F, Fut>(shared: &Shared, mut op: F) -> T
 where
     F: FnMut() -> Fut,
@@ -623,16 +624,25 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             stderr_bytes = result.stderr.len(),
             "job finished"
         );
+        // The run slot (and the uid it stands for) is free once the process
+        // is gone, whether or not the result is delivered yet: the next job
+        // starts meanwhile. The job stays held (see `held`) until delivered.
         let ran = Instant::now();
-        deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
-        let delivered = Instant::now();
-        settle(teardown).await;
-        drop(slot);
+        let free_slot = async {
+            settle(teardown).await;
+            drop(slot);
+            ran.elapsed()
+        };
+        let deliver = async {
+            deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
+            ran.elapsed()
+        };
+        let (settled, delivered) = tokio::join!(free_slot, deliver);
         debug!(
             before_run_ms = (started - taken).as_secs_f64() * 1e3,
             run_ms = (ran - started).as_secs_f64() * 1e3,
-            deliver_ms = (delivered - ran).as_secs_f64() * 1e3,
-            settle_ms = delivered.elapsed().as_secs_f64() * 1e3,
+            deliver_ms = delivered.as_secs_f64() * 1e3,
+            settle_ms = settled.as_secs_f64() * 1e3,
             "where the time went"
         );
         Done::Finished
