@@ -223,6 +223,22 @@ fn the_next_job_of_a_uid_finds_its_scratch_empty() {
             "same uid, nothing left"
         );
     }
+    // A chain of directories thousands deep (its path far past PATH_MAX),
+    // which a recursive clean-up would choke on: emptied too, and the
+    // worker lives on.
+    let r = py(
+        &mut c,
+        &p,
+        "import os\nos.chdir('/tmp')\nfor _ in range(3000):\n    os.mkdir('d'); os.chdir('d')\nprint(len(os.getcwd()) > 4096)",
+    );
+    assert_status(&r, "ok");
+    assert_eq!(r["stdout"], "True\n");
+    let r = py(&mut c, &p, probe);
+    assert_status(&r, "ok");
+    assert!(
+        r["stdout"].as_str().unwrap().ends_with(" [] 0o700\n"),
+        "{r}"
+    );
     // The host side was not touched through the links.
     assert!(std::fs::metadata("/etc/passwd").is_ok());
 }

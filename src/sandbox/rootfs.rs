@@ -363,23 +363,76 @@ impl Scratch {
 
     /// Remove what the job left, once every process of it is gone: all of
     /// the uid's tmpfs contents (its mode back to 0700), or the whole dir on
-    /// the host filesystem. `remove_dir_all` never follows a symlink, and the
-    /// job cannot mount anything, so nothing outside the tmpfs is touched.
+    /// the host filesystem.
     fn clear(&self) -> std::io::Result<()> {
+        empty_dir(&self.path)?;
         if self.reused {
-            for entry in fs::read_dir(&self.path)? {
-                let entry = entry?;
-                if entry.file_type()?.is_dir() {
-                    fs::remove_dir_all(entry.path())?;
-                } else {
-                    fs::remove_file(entry.path())?;
-                }
-            }
-            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))?;
+            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
         } else {
-            fs::remove_dir_all(&self.path)?;
+            fs::remove_dir(&self.path)
         }
-        Ok(())
+    }
+}
+
+/// Delete everything under `root`, but not `root` itself, never following a
+/// symlink (a job's links can point anywhere) and never crossing a mount (a
+/// job cannot make one). Iterative, holding one directory open at a time: a
+/// job can leave a chain of directories thousands deep (`mkdir a; cd a` in a
+/// loop), which would overflow the stack of a recursive walk such as
+/// `fs::remove_dir_all` or run it out of file descriptors.
+fn empty_dir(root: &Path) -> std::io::Result<()> {
+    use nix::dir::{Dir, Type};
+    use nix::fcntl::{AtFlags, OFlag};
+    use nix::sys::stat::{fstatat, Mode, SFlag};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    use std::ffi::CStr;
+
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut dir = Dir::open(root, flags, Mode::empty())?;
+    // The names from `root` down to `dir`, to remove each once it is empty.
+    let mut depth: Vec<CString> = Vec::new();
+    loop {
+        // A batch of entries: iterating again starts over (nix rewinds), so
+        // batches keep the passes over a large directory linear.
+        let mut batch: Vec<(CString, Option<Type>)> = Vec::new();
+        for entry in dir.iter().take(256) {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name != c"." && name != c".." {
+                batch.push((name.to_owned(), entry.file_type()));
+            }
+        }
+        let seen = batch.len();
+        let mut subdir = None;
+        for (name, kind) in batch {
+            let is_dir = match kind {
+                Some(kind) => kind == Type::Directory,
+                None => {
+                    let st = fstatat(&dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+                }
+            };
+            if is_dir {
+                subdir.get_or_insert(name);
+            } else {
+                unlinkat(&dir, name.as_c_str(), UnlinkatFlags::NoRemoveDir)?;
+            }
+        }
+        if let Some(name) = subdir {
+            dir = Dir::openat(&dir, name.as_c_str(), flags, Mode::empty())?;
+            depth.push(name);
+            continue;
+        }
+        if seen > 0 {
+            continue;
+        }
+        // Empty: go up and remove it, or stop at the root.
+        let Some(name) = depth.pop() else {
+            return Ok(());
+        };
+        let up: &CStr = c"..";
+        dir = Dir::openat(&dir, up, flags, Mode::empty())?;
+        unlinkat(&dir, name.as_c_str(), UnlinkatFlags::RemoveDir)?;
     }
 }
 
@@ -397,5 +450,68 @@ impl Drop for Scratch {
                 lease.retire();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_dir_handles_what_a_job_can_leave() {
+        let base = std::env::temp_dir().join(format!("sandq-empty-{}", std::process::id()));
+        let root = base.join("scratch");
+        let outside = base.join("outside");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("keep"), b"k").unwrap();
+        // A chain 3000 directories deep (longer than PATH_MAX), built
+        // relative to each level as a job would with `mkdir d; cd d`.
+        {
+            use nix::fcntl::{openat, OFlag};
+            use nix::sys::stat::{mkdirat, Mode};
+            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+            let mut at = nix::fcntl::open(&root, flags, Mode::empty()).unwrap();
+            for i in 0..3000 {
+                mkdirat(&at, c"d", Mode::from_bits_truncate(0o755)).unwrap();
+                at = openat(&at, c"d", flags, Mode::empty()).unwrap();
+                if i % 500 == 0 {
+                    let f = openat(
+                        &at,
+                        c"f",
+                        OFlag::O_CREAT | OFlag::O_WRONLY,
+                        Mode::from_bits_truncate(0o600),
+                    );
+                    drop(f.unwrap());
+                }
+            }
+        }
+        // Many files in one directory, links out of the tree, a closed dir.
+        for i in 0..1000 {
+            fs::write(root.join(format!("many-{i}")), b"").unwrap();
+        }
+        symlink(&outside, root.join("dirlink")).unwrap();
+        symlink(outside.join("keep"), root.join("filelink")).unwrap();
+        fs::create_dir_all(root.join("closed/inner")).unwrap();
+        fs::write(root.join("closed/inner/f"), b"x").unwrap();
+        fs::set_permissions(root.join("closed"), fs::Permissions::from_mode(0)).unwrap();
+        fs::write(root.join(".hidden"), b"x").unwrap();
+
+        // A small stack: the walk must not recurse.
+        let r = root.clone();
+        std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || empty_dir(&r))
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "everything went");
+        assert_eq!(
+            fs::read(outside.join("keep")).unwrap(),
+            b"k",
+            "links were not followed"
+        );
+        fs::remove_dir_all(&base).unwrap();
     }
 }
