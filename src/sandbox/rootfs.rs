@@ -494,7 +494,7 @@ mod tests {
         symlink(outside.join("keep"), root.join("filelink")).unwrap();
         fs::create_dir_all(root.join("closed/inner")).unwrap();
         fs::write(root.join("closed/inner/f"), b"x").unwrap();
-        fs::set_permissions(root.join("closed"), fs::Permissions::from_mode(0)).unwrap();
+        fs::set_permissions(root.join("closed"), fs::Permissions::from_mode(0o000)).unwrap();
         fs::write(root.join(".hidden"), b"x").unwrap();
 
         // A small stack: the walk must not recurse.
