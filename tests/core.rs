@@ -195,9 +195,11 @@ fn the_next_job_of_a_uid_finds_its_scratch_empty() {
         os.symlink('/etc/passwd', '/tmp/link')\n\
         os.symlink('/tmp/a', '/tmp/dirlink')\n\
         os.chmod('/tmp', 0o777)\n\
+        os.utime('/tmp', (123456789, 123456789))\n\
         print(os.getuid(), sorted(os.listdir('/tmp')))";
-    let probe =
-        "import os\nprint(os.getuid(), os.listdir('/tmp'), oct(os.stat('/tmp').st_mode & 0o777))";
+    let probe = "import os, time\nst = os.stat('/tmp')\n\
+        fresh = abs(st.st_mtime - time.time()) < 60 and abs(st.st_atime - time.time()) < 60\n\
+        print(os.getuid(), os.listdir('/tmp'), oct(st.st_mode & 0o777), fresh)";
     for _ in 0..3 {
         let r = py(&mut c, &p, litter);
         assert_status(&r, "ok");
@@ -219,7 +221,7 @@ fn the_next_job_of_a_uid_finds_its_scratch_empty() {
         assert_status(&r, "ok");
         assert_eq!(
             r["stdout"],
-            format!("{uid} [] 0o700\n"),
+            format!("{uid} [] 0o700 True\n"),
             "same uid, nothing left"
         );
     }
@@ -236,7 +238,7 @@ fn the_next_job_of_a_uid_finds_its_scratch_empty() {
     let r = py(&mut c, &p, probe);
     assert_status(&r, "ok");
     assert!(
-        r["stdout"].as_str().unwrap().ends_with(" [] 0o700\n"),
+        r["stdout"].as_str().unwrap().ends_with(" [] 0o700 True\n"),
         "{r}"
     );
     // The host side was not touched through the links.

@@ -367,7 +367,13 @@ impl Scratch {
     fn clear(&self) -> std::io::Result<()> {
         empty_dir(&self.path)?;
         if self.reused {
-            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
+            // What the job could set on the directory itself goes back too:
+            // its mode, and its times (which would otherwise carry a value
+            // to the uid's next job).
+            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))?;
+            let now = std::time::SystemTime::now();
+            fs::File::open(&self.path)?
+                .set_times(fs::FileTimes::new().set_accessed(now).set_modified(now))
         } else {
             fs::remove_dir(&self.path)
         }
