@@ -225,6 +225,20 @@ fn the_next_job_of_a_uid_finds_its_scratch_empty() {
             "same uid, nothing left"
         );
     }
+    // Times set on /tmp itself, with nothing in it to remove: reset too.
+    assert_status(
+        &py(
+            &mut c,
+            &p,
+            "import os\nos.utime('/tmp', (123456789, 123456789))",
+        ),
+        "ok",
+    );
+    let r = py(&mut c, &p, probe);
+    assert!(
+        r["stdout"].as_str().unwrap().ends_with(" [] 0o700 True\n"),
+        "{r}"
+    );
     // A chain of directories thousands deep (its path far past PATH_MAX),
     // which a recursive clean-up would choke on: emptied too, and the
     // worker lives on.
