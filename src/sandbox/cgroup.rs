@@ -136,19 +136,22 @@ impl Cgroups {
     /// the worker, which the thread that spawns that uid's jobs joins once
     /// (cgroup v1 only; see `sandbox::slots`). Created on first use.
     pub fn slot_dirs(&self, uid: u32) -> Result<Vec<PathBuf>, CgroupError> {
-        let Cgroups::V1 { memory, pids } = self else {
-            return Err(CgroupError::Unavailable("slots need cgroup v1".into()));
-        };
-        let dirs = vec![
-            memory.join(format!("uid-{uid}")),
-            pids.join(format!("uid-{uid}")),
-        ];
+        let dirs = self.slot_paths(uid)?;
         for dir in &dirs {
             if !dir.exists() {
                 fs::create_dir(dir).map_err(io_err(dir))?;
             }
         }
         Ok(dirs)
+    }
+
+    /// Where uid `uid`'s slot groups are (memory, pids), made or not.
+    fn slot_paths(&self, uid: u32) -> Result<Vec<PathBuf>, CgroupError> {
+        let Cgroups::V1 { memory, pids } = self else {
+            return Err(CgroupError::Unavailable("slots need cgroup v1".into()));
+        };
+        let name = format!("uid-{uid}");
+        Ok(vec![memory.join(&name), pids.join(&name)])
     }
 
     /// Limits for one job in uid `uid`'s slot cgroup, with the counters read
@@ -159,7 +162,8 @@ impl Cgroups {
         memory_bytes: u64,
         pids: u64,
     ) -> Result<JobCgroup, CgroupError> {
-        let dirs = self.slot_dirs(uid)?;
+        // Made by `slot_dirs` when the slot's thread started.
+        let dirs = self.slot_paths(uid)?;
         let mut job = JobCgroup {
             v2: false,
             dirs,
@@ -287,6 +291,10 @@ impl JobCgroup {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
+        if current == bytes {
+            // The usual case for a slot: the last job had the same limit.
+            return Ok(());
+        }
         let value = bytes.to_string();
         if bytes >= current {
             if memsw.exists() {
