@@ -206,7 +206,7 @@ fn usage_of_live(pid: libc::pid_t) -> Usage {
 }
 
 /// Wait for the child and collect its status and resource use.
-pub fn reap(child: &Spawned) -> (Option<i32>, Option<i32>, Usage) {
+fn reap(child: &Spawned) -> (Option<i32>, Option<i32>, Usage) {
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
