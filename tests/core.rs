@@ -649,3 +649,27 @@ fn preload_runs_inside_the_lock_down() {
     assert_status(&r, "violation");
     assert_eq!(r["violation"]["syscall"], "clone");
 }
+
+#[test]
+fn an_interpreter_that_cannot_start_fails_the_job_not_the_worker() {
+    let Some(mut c) = redis() else { return };
+    // Failing before exec (Landlock cannot find the binary) and at exec (the
+    // file is not executable): each is a clear error at once, never a hang,
+    // and the worker goes on serving.
+    for (binary, step) in [
+        ("/nonexistent/node", "Landlock"),
+        ("/usr/lib/os-release", "Exec"),
+    ] {
+        let p = prefix("bad-interpreter");
+        let _w = Worker::start(
+            &p,
+            &["--concurrency", "1", "--pool-size", "0", "--node", binary],
+        );
+        let started = Instant::now();
+        let r = node(&mut c, &p, "console.log(1)");
+        assert!(started.elapsed() < Duration::from_secs(5), "{r}");
+        assert_status(&r, "internal_error");
+        assert!(r["error"].as_str().unwrap().contains(step), "{r}");
+        assert_status(&py(&mut c, &p, "print('still here')"), "ok");
+    }
+}

@@ -408,15 +408,39 @@ impl Runner<'_> {
         );
         let spawned_at = Instant::now();
         // Cloned from the uid's slot thread where there is one: the child is
-        // then born in its cgroup (see sandbox::slots).
-        let child = match sb.slots.as_ref().and_then(|slots| slots.spawn(uid, &plan)) {
-            Some(spawned) => spawned?,
-            None => spawn::spawn(&plan)?,
+        // then born in its cgroup, and shares the worker's memory until its
+        // exec, which that thread waits for while this one lets it through
+        // (see sandbox::slots). Elsewhere, a fork-style clone from here.
+        let pidfd = std::sync::atomic::AtomicI32::new(-1);
+        let pending = sb
+            .slots
+            .as_ref()
+            .and_then(|slots| slots.begin(uid, &plan, &pidfd));
+        // Our copies of the child's ends must go once it has its own, or we
+        // never see EOF.
+        let child_ends = (stdin_r, stdout_w, stderr_w, key_r, ctl_child, err_w);
+        let (approved, child) = match pending {
+            Some(pending) => {
+                let approved = supervise::approve_exec(&ctl_parent, &err_r);
+                if approved.is_err() {
+                    // Make sure the child ends short of exec: its listener
+                    // is closed already (approve_exec), its control socket
+                    // goes now, and it is killed if it exists yet.
+                    drop(ctl_parent);
+                    supervise::kill_raw(pidfd.load(std::sync::atomic::Ordering::Acquire));
+                }
+                // Also keeps `plan` alive for as long as the child may read it.
+                let child = pending.wait();
+                drop(child_ends);
+                (approved, child?)
+            }
+            None => {
+                let child = spawn::spawn(&plan)?;
+                drop(child_ends);
+                (supervise::approve_exec(&ctl_parent, &err_r), child)
+            }
         };
-        // Our copies of the child's ends must go, or we never see EOF.
-        drop((stdin_r, stdout_w, stderr_w, key_r, ctl_child, err_w));
-
-        let handover = match supervise::handshake(&ctl_parent, &err_r) {
+        let handover = match approved.and_then(|h| supervise::confirm_exec(&err_r).map(|()| h)) {
             Ok(h) => h,
             Err(e) => {
                 supervise::kill_and_reap(&child);

@@ -79,6 +79,24 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
     }
 }
 
+/// `poll` on two fds; true when either is readable before `timeout`.
+fn wait_either(a: RawFd, b: RawFd, timeout: Duration) -> bool {
+    let mut pfds = [a, b].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: two valid pollfds on the stack, their count passed.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, left.as_millis() as i32) };
+        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return n > 0;
+        }
+    }
+}
+
 /// The fds the child hands over: the seccomp listener, and for jobs with
 /// network the egress relay's listening socket.
 pub struct Handover {
@@ -86,8 +104,14 @@ pub struct Handover {
     pub relay: Option<OwnedFd>,
 }
 
-/// Receive the listener, let the first exec through, and wait for it to land.
-pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<Handover, RunError> {
+/// Receive the listener and let the first exec through. The child may still
+/// be cloning when this starts (a shared-memory clone returns only at exec,
+/// on another thread: see `sandbox::slots`), so a child that fails before
+/// handing the listener over is noticed on the error pipe, not by EOF. On an
+/// error, the listener (if received) is closed here, which fails the child's
+/// parked exec: the child ends either way. `confirm_exec` then checks that
+/// the exec landed.
+pub fn approve_exec(control: &OwnedFd, err: &OwnedFd) -> Result<Handover, RunError> {
     let broken = |what: &str| -> RunError {
         // If the child reported a failed step, that is the better message.
         if wait_readable(err.as_raw_fd(), Duration::from_millis(200)) {
@@ -100,7 +124,9 @@ pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<Handover, RunError>
         }
         RunError::Handshake(what.to_owned())
     };
-    if !wait_readable(control.as_raw_fd(), HANDSHAKE_TIMEOUT) {
+    if !wait_either(control.as_raw_fd(), err.as_raw_fd(), HANDSHAKE_TIMEOUT)
+        || !wait_readable(control.as_raw_fd(), Duration::ZERO)
+    {
         return Err(broken("no seccomp listener from the child"));
     }
     let mut byte = [0u8; 1];
@@ -146,14 +172,19 @@ pub fn handshake(control: &OwnedFd, err: &OwnedFd) -> Result<Handover, RunError>
     ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty())
         .respond(listener.as_raw_fd())
         .map_err(|e| RunError::Handshake(format!("allowing exec: {e}")))?;
+    Ok(Handover { listener, relay })
+}
 
-    // The error pipe closes on a successful exec; a failed one writes first.
+/// After `approve_exec` and once the parent has dropped its copy of the
+/// error pipe's write end: the pipe closes on a successful exec; a failed one
+/// writes first.
+pub fn confirm_exec(err: &OwnedFd) -> Result<(), RunError> {
     if !wait_readable(err.as_raw_fd(), HANDSHAKE_TIMEOUT) {
         return Err(RunError::Handshake("exec did not complete".into()));
     }
     let mut buf = [0u8; 8];
     match nix::unistd::read(err, &mut buf) {
-        Ok(0) => Ok(Handover { listener, relay }),
+        Ok(0) => Ok(()),
         Ok(_) => Err(decode_error(&buf)
             .map(RunError::Spawn)
             .unwrap_or_else(|| RunError::Handshake("short error report".into()))),
@@ -203,6 +234,22 @@ fn usage_of_live(pid: libc::pid_t) -> Usage {
         })
         .unwrap_or(0);
     Usage { cpu_ms, max_rss_kb }
+}
+
+/// SIGKILL through a raw pidfd (ignored when it is -1: no child yet).
+pub fn kill_raw(pidfd: RawFd) {
+    if pidfd >= 0 {
+        // SAFETY: signals a process through a pidfd we hold; no memory involved.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
 }
 
 /// Wait for the child and collect its status and resource use.

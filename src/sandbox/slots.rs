@@ -5,8 +5,12 @@
 //! puts the job in its cgroup with no move at all (see `cgroup`). The thread
 //! also outlives every child it clones, which their death signal relies on.
 //!
-//! Only `spawn::spawn` runs on these threads; everything else of a run stays
-//! on the caller's thread, which blocks until the clone is done.
+//! Only the clone runs on these threads, and it shares the worker's memory
+//! (`spawn::spawn_shared`): the thread is suspended until the child has
+//! exec'd, while the caller, on its own thread, receives the child's seccomp
+//! listener and lets that exec through ([`Slots::begin`], then
+//! [`Pending::wait`]). Each thread blocks every signal and owns the stack its
+//! children start on.
 
 use super::cgroup::{CgroupError, Cgroups};
 use super::spawn::{self, ChildPlan, SpawnError, Spawned};
@@ -17,10 +21,31 @@ use std::sync::Mutex;
 
 /// A clone request: the plan's address and where to answer.
 struct Request {
-    /// `*const ChildPlan`, as an address: the requester blocks until the
-    /// answer comes, so the plan outlives its use on the spawning thread.
+    /// `*const ChildPlan`, as an address: the requester waits for the answer
+    /// (`Pending::wait`, also on its error paths), so the plan outlives its
+    /// use on the spawning thread and in the child.
     plan: usize,
+    /// `*const AtomicI32` the kernel writes the child's pidfd to, owned by
+    /// the requester like `plan`.
+    pidfd: usize,
     reply: SyncSender<Result<Spawned, SpawnError>>,
+}
+
+/// A clone under way on a slot thread.
+pub struct Pending {
+    answer: Receiver<Result<Spawned, SpawnError>>,
+}
+
+impl Pending {
+    /// The child, once it has exec'd or exited (a child stopped short of
+    /// exec ends: see `runner::supervise::approve_exec`).
+    pub fn wait(self) -> Result<Spawned, SpawnError> {
+        self.answer.recv().unwrap_or_else(|_| {
+            Err(SpawnError::Clone(std::io::Error::other(
+                "the slot thread is gone",
+            )))
+        })
+    }
 }
 
 /// The spawning threads, by uid.
@@ -78,17 +103,24 @@ impl Slots {
         Ok(Slots { senders, threads })
     }
 
-    /// Clone `plan` from `uid`'s thread. `None` when `uid` has none.
-    pub fn spawn(&self, uid: u32, plan: &ChildPlan<'_>) -> Option<Result<Spawned, SpawnError>> {
+    /// Start cloning `plan` on `uid`'s thread; `None` when `uid` has none.
+    /// The caller must keep `plan` and `pidfd` alive and call
+    /// [`Pending::wait`] before dropping them.
+    pub fn begin(
+        &self,
+        uid: u32,
+        plan: &ChildPlan<'_>,
+        pidfd: &std::sync::atomic::AtomicI32,
+    ) -> Option<Pending> {
         let sender = self.senders.get(&uid)?.lock().ok()?.clone();
         let (reply, answer) = mpsc::sync_channel(1);
         let request = Request {
             plan: plan as *const ChildPlan<'_> as usize,
+            pidfd: pidfd as *const std::sync::atomic::AtomicI32 as usize,
             reply,
         };
         sender.send(request).ok()?;
-        // Blocking here keeps `plan` alive until the thread is done with it.
-        answer.recv().ok()
+        Some(Pending { answer })
     }
 }
 
@@ -103,11 +135,85 @@ impl Drop for Slots {
     }
 }
 
+/// The children's stack: 256 KiB (the lock-down needs a few), with a guard
+/// page below it so an overflow faults instead of writing into the worker's
+/// memory, which the child shares.
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+const STACK: usize = 256 * 1024;
+const GUARD: usize = 4096;
+
+impl ChildStack {
+    fn new() -> std::io::Result<ChildStack> {
+        let len = STACK + GUARD;
+        // SAFETY: a fresh private anonymous mapping; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stack = ChildStack { base, len };
+        // SAFETY: the lowest page of the mapping we own.
+        if unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    fn usable(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping above the guard page is ours, read-write, and
+        // only lent out for one clone at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.base.cast::<u8>().add(GUARD), STACK) }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping; no child runs on it any more.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
 fn serve(requests: Receiver<Request>) {
+    // No signal handler may run in a child that shares our memory: block
+    // them all on this thread, which the child inherits (spawn, step 1).
+    // SAFETY: sigfillset and pthread_sigmask on a local set.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+    let mut stack = match ChildStack::new() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "no stack for shared-memory clones; forking instead");
+            None
+        }
+    };
     for request in requests {
-        // SAFETY: the requester sent the address of a live ChildPlan and is
-        // blocked on `reply` until we answer, so the plan is valid meanwhile.
-        let plan = unsafe { &*(request.plan as *const ChildPlan<'_>) };
-        let _ = request.reply.send(spawn::spawn(plan));
+        // SAFETY: the requester sent the addresses of a live ChildPlan and
+        // AtomicI32 and waits for `reply` before dropping them.
+        let (plan, pidfd) = unsafe {
+            (
+                &*(request.plan as *const ChildPlan<'_>),
+                &*(request.pidfd as *const std::sync::atomic::AtomicI32),
+            )
+        };
+        let spawned = match stack.as_mut() {
+            Some(stack) => spawn::spawn_shared(plan, stack.usable(), pidfd),
+            None => spawn::spawn(plan),
+        };
+        let _ = request.reply.send(spawned);
     }
 }
