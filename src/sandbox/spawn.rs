@@ -3,9 +3,11 @@
 //!
 //! Everything the child needs (C strings, argv/envp arrays, the BPF program, the
 //! rlimit table, file descriptors) is prepared by the parent in a [`ChildPlan`].
-//! The worker is a multithreaded process, so between `clone3` and `execve` the
+//! The worker is a multithreaded process, so between the clone and `execve` the
 //! child may only make raw, async-signal-safe system calls: no allocation, no
-//! locks, no panics. Each step that fails writes `(step, errno)` to the error
+//! locks, no panics. Two clones lead to the same lock-down: [`spawn_shared`]
+//! (`CLONE_VM | CLONE_VFORK`, from a uid's slot thread: the usual path) and
+//! [`spawn`] (a fork-style `clone3`, where there are no slot threads). Each step that fails writes `(step, errno)` to the error
 //! pipe and exits; the parent turns that into [`SpawnError::ChildStep`].
 //!
 //! The order of the lock-down, and why each step sits where it does:
