@@ -585,8 +585,8 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         let started = Instant::now();
         let finished = run_blocking(shared, job.clone()).await;
         shared.metrics.in_flight.dec();
-        // The kernel tears the process down while the result goes out; the
-        // slot (and with it the uid) is free once both are done.
+        // The kernel tears the process down while the result goes out (see
+        // the join below).
         let (outcome, teardown) = match finished {
             Ok(Finished { outcome, teardown }) => (Ok(outcome), Some(teardown)),
             Err(e) => (Err(e), None),
