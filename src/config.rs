@@ -141,8 +141,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "SANDQ_CONCURRENCY")]
     pub concurrency: Option<usize>,
     /// Jobs taken from the queue ahead of a free slot, so that a slot that
-    /// frees up starts its next job without a Redis round trip; 0 takes a job
-    /// only when a slot is free [default: 1]
+    /// frees up starts its next job without a Redis round trip; such a job
+    /// waits for this worker's slots even if another worker is idle
+    /// [default: 0]
     #[arg(long, env = "SANDQ_PREFETCH")]
     pub prefetch: Option<usize>,
     /// This worker's id [default: hostname-pid-random]
@@ -521,7 +522,7 @@ impl WorkerArgs {
         if concurrency == 0 || concurrency > 1024 {
             return Err(ConfigError::Invalid("concurrency must be 1 to 1024".into()));
         }
-        let prefetch = self.prefetch.or(file.prefetch).unwrap_or(1);
+        let prefetch = self.prefetch.or(file.prefetch).unwrap_or(0);
         if prefetch > 1024 {
             return Err(ConfigError::Invalid("prefetch must be 0 to 1024".into()));
         }

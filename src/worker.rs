@@ -2,13 +2,13 @@
 //!
 //! One fetch loop takes a job when fewer than `concurrency + prefetch` are
 //! held (so the rest wait in Redis, where another worker can take them), then
-//! hands it to a task that validates and counts it, waits for one of the
-//! `concurrency` run slots, runs it on a blocking thread, frees the slot and
-//! delivers the result. A job taken ahead (prefetch) and the delivery of the
-//! last result overlap running jobs, so a slot that frees up starts its next
-//! job without waiting on Redis. Redis
-//! errors never end the worker: it backs off (capped, exponential), reports
-//! not-ready, keeps running the jobs it holds and retries their results.
+//! hands it to a task that validates it, waits for one of the `concurrency`
+//! run slots, counts the delivery, runs it on a blocking thread, and delivers
+//! the result. The slot is free again once the process is gone, while the
+//! result is still on its way; with `--prefetch`, the next job is taken
+//! while the slots are busy too. Redis errors never end the worker: it backs
+//! off (capped, exponential), reports not-ready, keeps running the jobs it
+//! holds and retries their results.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop fetching, give running jobs the grace
 //! period, then kill what is left and hand those jobs back to the queue.
