@@ -12,7 +12,7 @@
 //!
 //! The order of the lock-down, and why each step sits where it does:
 //!
-//! 0. `clone3` with new pid and uts namespaces, and net and ipc ones unless
+//! 0. the clone, with new pid and uts namespaces, and net and ipc ones unless
 //!    shared ones are joined instead (step 1b): the interpreter is
 //!    pid 1 of its own tree, so killing it kills everything it started, and
 //!    it sees no host process or network interface. Jobs without network join
