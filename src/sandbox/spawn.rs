@@ -20,7 +20,8 @@
 //!    (creating and destroying a network namespace costs the kernel about a
 //!    millisecond; those jobs cannot open a socket, so they have nothing to
 //!    share in it).
-//! 1. reset the signal mask and SIGPIPE: both survive `execve`. Then (1b)
+//! 1. every signal handler back to the default, then an empty signal mask
+//!    (ignored signals and the mask survive `execve`). Then (1b)
 //!    join the shared empty network namespace (jobs without network) and IPC
 //!    namespace (where no IPC call is allowed), and (1c) the
 //!    mount namespace held for the job's uid ([`hold_mount_namespace`]): its
