@@ -63,25 +63,16 @@ pub struct Captured {
 
 /// `poll` on a single fd; true when it is ready before `timeout`.
 fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // SAFETY: one valid pollfd on the stack.
-        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) };
-        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return n > 0;
-        }
-    }
+    wait_any(&[fd], timeout)
 }
 
-/// `poll` on two fds; true when either is readable before `timeout`.
+/// `poll` on two fds; true when either is ready before `timeout`.
 fn wait_either(a: RawFd, b: RawFd, timeout: Duration) -> bool {
-    let mut pfds = [a, b].map(|fd| libc::pollfd {
+    wait_any(&[a, b], timeout)
+}
+
+fn wait_any<const N: usize>(fds: &[RawFd; N], timeout: Duration) -> bool {
+    let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
@@ -89,8 +80,14 @@ fn wait_either(a: RawFd, b: RawFd, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        // SAFETY: two valid pollfds on the stack, their count passed.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, left.as_millis() as i32) };
+        // SAFETY: N valid pollfds on the stack, their count passed.
+        let n = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                N as libc::nfds_t,
+                left.as_millis() as i32,
+            )
+        };
         if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             return n > 0;
         }
@@ -196,17 +193,9 @@ pub fn confirm_exec(err: &OwnedFd) -> Result<(), RunError> {
 /// it along) through the pidfd, so a recycled pid can never be hit, and its
 /// process group for hosts without a pid namespace.
 pub fn kill(child: &Spawned) {
-    // SAFETY: signals a process we own through its pidfd; no memory involved.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            child.pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
-        libc::kill(-child.pid, libc::SIGKILL);
-    }
+    kill_raw(child.pidfd.as_raw_fd());
+    // SAFETY: kill(2) of the job's process group; no memory involved.
+    unsafe { libc::kill(-child.pid, libc::SIGKILL) };
 }
 
 /// CPU time and peak resident memory of the job's process while it is

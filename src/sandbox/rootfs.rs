@@ -356,11 +356,6 @@ impl RuntimeRoot {
 }
 
 impl Scratch {
-    /// The job's uid (and gid).
-    pub fn uid(&self) -> u32 {
-        self.lease.as_ref().map(|l| l.uid).unwrap_or(0)
-    }
-
     /// Remove what the job left, once every process of it is gone: all of
     /// the uid's tmpfs contents (its mode back to 0700), or the whole dir on
     /// the host filesystem.

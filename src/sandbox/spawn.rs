@@ -329,17 +329,27 @@ pub fn hold_namespace(flag: u64, proc_name: &str) -> Result<std::os::fd::OwnedFd
             // SAFETY: in the child: pause until the parent's SIGKILL.
             unsafe { libc::pause() };
         },
-        pid => {
-            let opened = std::fs::File::open(format!("/proc/{pid}/ns/{proc_name}"));
-            // SAFETY: kill and reap the child we just created.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                let mut status = 0;
-                libc::waitpid(pid, &mut status, 0);
-            }
-            opened.map(std::os::fd::OwnedFd::from)
-        }
+        pid => open_namespace_and_kill(pid, proc_name, Ok(())),
     }
+}
+
+/// Open `/proc/<pid>/ns/<proc_name>` of a namespace-holding child unless
+/// `ready` says it failed, then kill and reap the child either way.
+fn open_namespace_and_kill(
+    pid: libc::pid_t,
+    proc_name: &str,
+    ready: Result<(), std::io::Error>,
+) -> Result<std::os::fd::OwnedFd, std::io::Error> {
+    let opened = ready.and_then(|()| {
+        std::fs::File::open(format!("/proc/{pid}/ns/{proc_name}")).map(std::os::fd::OwnedFd::from)
+    });
+    // SAFETY: kill and reap the child we just created.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+    }
+    opened
 }
 
 /// A mount namespace for one uid's jobs, kept alive by an open fd: a child is
@@ -388,19 +398,12 @@ pub fn hold_mount_namespace(
             drop(report_w);
             let mut buf = [0u8; 4];
             let got = nix::unistd::read(&report_r, &mut buf);
-            let opened = match (got, i32::from_ne_bytes(buf)) {
-                (Ok(4), 0) => std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
-                    .map(std::os::fd::OwnedFd::from),
+            let ready = match (got, i32::from_ne_bytes(buf)) {
+                (Ok(4), 0) => Ok(()),
                 (Ok(4), errno) => Err(std::io::Error::from_raw_os_error(errno)),
                 _ => Err(std::io::Error::other("the namespace helper died")),
             };
-            // SAFETY: kill and reap the child we just created.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                let mut status = 0;
-                libc::waitpid(pid, &mut status, 0);
-            }
-            opened
+            open_namespace_and_kill(pid, "mnt", ready)
         }
     }
 }
