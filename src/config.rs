@@ -6,7 +6,7 @@
 //! `require_layer`) are the union of all sources: extras add to the defaults,
 //! never replace them.
 
-use crate::job::{Language, Limits};
+use crate::job::{Language, Limits, MAX_MEMORY_MB, MAX_TIMEOUT_MS};
 use crate::runner::egress::{Cidr, EgressPolicy};
 use crate::sandbox::SandboxConfig;
 use clap::{Args, Parser, Subcommand};
@@ -165,6 +165,10 @@ pub struct WorkerArgs {
     /// Deliveries before a job is dead-lettered [default: 3]
     #[arg(long, env = "SANDQ_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
+    /// Entries the dead-letter list keeps; older ones are trimmed (and
+    /// counted in sandq_dead_letters_trimmed_total) [default: 10000]
+    #[arg(long, env = "SANDQ_DEAD_LETTER_MAX")]
+    pub dead_letter_max: Option<u64>,
     /// Pre-started interpreters kept per (language, network) profile; 0 turns
     /// the warm pool off [default: the concurrency]
     #[arg(long, env = "SANDQ_POOL_SIZE")]
@@ -315,6 +319,7 @@ pub struct FileConfig {
     pub metrics_addr: Option<String>,
     pub shutdown_grace_ms: Option<u64>,
     pub max_attempts: Option<u32>,
+    pub dead_letter_max: Option<u64>,
     pub heartbeat_ms: Option<u64>,
     pub heartbeat_ttl_ms: Option<u64>,
     pub pool_size: Option<usize>,
@@ -414,10 +419,12 @@ impl SandboxArgs {
                 .unwrap_or(defaults.allow_network),
             ..defaults
         };
-        if limits.max_timeout_ms == 0 || limits.max_memory_mb < 16 {
-            return Err(ConfigError::Invalid(
-                "max_timeout_ms must be at least 1 and max_memory_mb at least 16".into(),
-            ));
+        if !(1..=MAX_TIMEOUT_MS).contains(&limits.max_timeout_ms)
+            || !(16..=MAX_MEMORY_MB).contains(&limits.max_memory_mb)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "max_timeout_ms must be 1 to {MAX_TIMEOUT_MS} (a day) and max_memory_mb 16 to {MAX_MEMORY_MB} (1 TiB)"
+            )));
         }
         let limits = Limits {
             default_timeout_ms: limits.default_timeout_ms.min(limits.max_timeout_ms),
@@ -493,6 +500,8 @@ pub struct WorkerConfig {
     pub metrics_addr: Option<String>,
     pub shutdown_grace_ms: u64,
     pub max_attempts: u32,
+    /// Most entries `<p>:dead` keeps.
+    pub dead_letter_max: u64,
     pub heartbeat_ms: u64,
     pub heartbeat_ttl_ms: u64,
     pub pool_size: usize,
@@ -575,6 +584,15 @@ impl WorkerArgs {
                 "heartbeat_ttl_ms ({heartbeat_ttl_ms}) must be at least twice heartbeat_ms ({heartbeat_ms}), which must be at least 50"
             )));
         }
+        let dead_letter_max = self
+            .dead_letter_max
+            .or(file.dead_letter_max)
+            .unwrap_or(10_000);
+        if dead_letter_max == 0 {
+            return Err(ConfigError::Invalid(
+                "dead_letter_max must be at least 1".into(),
+            ));
+        }
         Ok(WorkerConfig {
             redis_url: self
                 .redis
@@ -593,6 +611,7 @@ impl WorkerArgs {
                 .or(file.shutdown_grace_ms)
                 .unwrap_or(25_000),
             max_attempts: self.max_attempts.or(file.max_attempts).unwrap_or(3).max(1),
+            dead_letter_max,
             heartbeat_ms,
             heartbeat_ttl_ms,
             pool_size,

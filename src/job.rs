@@ -15,6 +15,13 @@ pub const MAX_CODE_BYTES: usize = 1024 * 1024;
 pub const MAX_STDIN_BYTES: usize = 8 * 1024 * 1024;
 /// Longest job id; ids end up in Redis key names.
 pub const MAX_ID_LEN: usize = 200;
+/// Longest `result_ttl_s` (a year). Redis itself refuses expiries past about
+/// 9.2e15 s; a job asking for more than a year is more likely a unit mistake.
+pub const MAX_RESULT_TTL_S: u64 = 365 * 24 * 3600;
+/// Highest timeout an operator may allow (`--max-timeout-ms`): a day.
+pub const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// Most memory an operator may allow a job (`--max-memory-mb`): 1 TiB.
+pub const MAX_MEMORY_MB: u64 = 1024 * 1024;
 
 /// The interpreters sandq runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -250,8 +257,10 @@ fn validate(
         return Err("field `memory_mb`: must be at least 16".into());
     }
     let result_ttl_s = optional_u64(obj, "result_ttl_s")?.unwrap_or(limits.default_result_ttl_s);
-    if result_ttl_s == 0 {
-        return Err("field `result_ttl_s`: must be at least 1".into());
+    if !(1..=MAX_RESULT_TTL_S).contains(&result_ttl_s) {
+        return Err(format!(
+            "field `result_ttl_s`: {result_ttl_s} is out of range (1 to {MAX_RESULT_TTL_S}, a year)"
+        ));
     }
     let enqueued_at_ms = optional_u64(obj, "enqueued_at_ms")?;
     let expires_at_ms = optional_u64(obj, "expires_at_ms")?;
@@ -368,6 +377,42 @@ impl JobResult {
         // A struct of strings, numbers and options cannot fail to serialize.
         serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
     }
+
+    /// The result JSON in at most `max` bytes (Redis refuses a longer
+    /// argument): while it is longer, the longer of stdout and stderr is cut
+    /// at a character boundary and its `*_truncated` flag set. A cut takes
+    /// the excess scaled by how much the stream grows in JSON (escapes take
+    /// up to 6 bytes a byte); after a few tries it takes the excess itself
+    /// in raw bytes, which always fits (no character encodes shorter).
+    pub fn to_json_within(&mut self, max: usize) -> String {
+        for tries in 0.. {
+            let json = self.to_json();
+            let Some(excess) = json.len().checked_sub(max).filter(|e| *e > 0) else {
+                return json;
+            };
+            let (stream, flag) = if self.stdout.len() >= self.stderr.len() {
+                (&mut self.stdout, &mut self.stdout_truncated)
+            } else {
+                (&mut self.stderr, &mut self.stderr_truncated)
+            };
+            if stream.is_empty() {
+                return json;
+            }
+            let cut = if tries < 4 {
+                let encoded = serde_json::to_string(stream).map_or(stream.len(), |e| e.len());
+                (excess as u128 * stream.len() as u128).div_ceil(encoded as u128) as usize
+            } else {
+                excess
+            };
+            let mut keep = stream.len().saturating_sub(cut.max(1));
+            while !stream.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            stream.truncate(keep);
+            *flag = true;
+        }
+        unreachable!("the loop returns")
+    }
 }
 
 #[cfg(test)]
@@ -467,6 +512,37 @@ mod tests {
                 "{raw}"
             );
         }
+    }
+
+    #[test]
+    fn result_json_is_cut_to_fit() {
+        let mut r = JobResult::not_run("x", Status::Ok, "e".into(), "w1");
+        r.stdout = "\u{1}\u{4e2d}".repeat(50_000);
+        r.stderr = "e".repeat(1000);
+        let full = r.to_json().len();
+        let json = r.to_json_within(100_000);
+        assert!(
+            json.len() <= 100_000 && json.len() > 90_000,
+            "{}",
+            json.len()
+        );
+        assert!(full > 300_000);
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["stdout_truncated"], true);
+        assert_eq!(v["stderr_truncated"], false);
+        assert_eq!(v["stderr"].as_str().unwrap().len(), 1000);
+        let mut small = JobResult::not_run("x", Status::Ok, "e".into(), "w1");
+        assert_eq!(small.to_json_within(100_000), small.to_json());
+        assert!(!small.stdout_truncated);
+    }
+
+    #[test]
+    fn result_ttl_is_bounded() {
+        let job = |ttl: &str| format!(r#"{{"language":"python3","code":"","result_ttl_s":{ttl}}}"#);
+        assert!(invalid(&job("10000000000000000")).contains("`result_ttl_s`"));
+        assert!(invalid(&job("0")).contains("`result_ttl_s`"));
+        assert!(invalid(&job("1e3")).contains("`result_ttl_s`"));
+        assert!(parse(job("31536000").as_bytes(), &limits()).is_ok());
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub struct Metrics {
     output_truncated: IntCounterVec,
     requeued: IntCounterVec,
     dead_letters: IntCounterVec,
+    dead_letters_trimmed: prometheus::IntCounter,
     redis_errors: IntCounterVec,
     layer_active: IntGaugeVec,
     ready: IntGauge,
@@ -115,6 +116,7 @@ impl Metrics {
             output_truncated: counter(&r, "sandq_output_truncated_total", "Streams cut at the output limit.", &["stream"]),
             requeued: counter(&r, "sandq_jobs_requeued_total", "Jobs put back on the queue.", &["reason"]),
             dead_letters: counter(&r, "sandq_dead_letters_total", "Payloads moved to the dead-letter list.", &["reason"]),
+            dead_letters_trimmed: reg(&r, prometheus::IntCounter::new("sandq_dead_letters_trimmed_total", "Oldest dead-letter entries dropped to keep the list at --dead-letter-max.").expect("valid metric")),
             redis_errors: counter(&r, "sandq_redis_errors_total", "Failed Redis operations.", &["op"]),
             layer_active: reg(&r, IntGaugeVec::new(Opts::new("sandq_isolation_layer_active", "1 when the isolation layer is in force on this worker."), &["layer"]).expect("valid metric")),
             ready: reg(&r, IntGauge::new("sandq_worker_ready", "1 when /readyz answers 200.").expect("valid metric")),
@@ -143,7 +145,7 @@ impl Metrics {
         // A job whose language is not known is rejected under "unknown".
         m.jobs
             .with_label_values(&["unknown", Status::Rejected.as_str()]);
-        for r in ["unreadable", "max_attempts"] {
+        for r in ["unreadable", "max_attempts", "undeliverable"] {
             m.dead_letters.with_label_values(&[r]);
         }
         for s in ["stdout", "stderr"] {
@@ -209,6 +211,10 @@ impl Metrics {
 
     pub fn dead_letter(&self, reason: &'static str) {
         self.dead_letters.with_label_values(&[reason]).inc();
+    }
+
+    pub fn dead_letters_trimmed(&self, n: u64) {
+        self.dead_letters_trimmed.inc_by(n);
     }
 
     pub fn redis_error(&self, op: &'static str) {

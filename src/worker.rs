@@ -10,13 +10,25 @@
 //! off (capped, exponential), reports not-ready, keeps running the jobs it
 //! holds and retries their results.
 //!
+//! Errors Redis cannot fix by waiting (a script error, a key of the wrong
+//! type) are not retried: the job ends in an `internal_error` result to its
+//! default key plus a dead-letter entry (see [`QueueError::is_outage`]).
+//!
+//! A worker's id is its own: it refuses to start while another process holds
+//! the id's live heartbeat, and stops if it ever finds the id taken. It reaps
+//! dead workers only after it has itself been connected for a heartbeat TTL,
+//! so that after an outage every live worker has beaten again first.
+//!
 //! Shutdown (SIGTERM/SIGINT): stop fetching, give running jobs the grace
-//! period, then kill what is left and hand those jobs back to the queue.
+//! period, then kill what is left and hand those jobs back to the queue. The
+//! drain ends at the grace period whatever Redis does: results that could
+//! not be delivered by then stay in Redis (the job is in the processing list)
+//! for the reaper.
 
 use crate::config::WorkerConfig;
 use crate::job::{self, Job, JobError, JobResult, Status};
 use crate::metrics::{Metrics, Readiness};
-use crate::queue::{now_ms, Begin, Queue, QueueError};
+use crate::queue::{Begin, Completed, Completion, Queue, QueueError, Reply};
 use crate::runner::egress::EgressPolicy;
 use crate::runner::pool::Pool;
 use crate::runner::{Finished, Outcome, RunOptions, Runner};
@@ -32,6 +44,10 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 /// How long one BLMOVE blocks; also the worst-case delay before shutdown is noticed.
 const FETCH_BLOCK: Duration = Duration::from_secs(1);
+/// After the grace period: how long killed jobs and abandoned deliveries get
+/// to wind down, and how long the last Redis calls (hand-backs,
+/// deregistration) may take, so that a drain ends whatever Redis does.
+const WIND_DOWN: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -39,6 +55,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub enum WorkerError {
     #[error(transparent)]
     Queue(#[from] QueueError),
+    #[error("worker id {id:?} is held by a live worker ({holder}); give this one another --worker-id, or wait for that heartbeat to expire")]
+    IdInUse { id: String, holder: String },
+    #[error("worker id {id:?} was taken by another process ({holder}) while this one was cut off; stopped without touching its jobs")]
+    IdLost { id: String, holder: String },
 }
 
 /// Everything a job task needs, shared.
@@ -58,6 +78,14 @@ struct Shared {
     running: Arc<Semaphore>,
     /// Fired on SIGTERM/SIGINT: a job still waiting for a run slot is handed back.
     shutdown: CancellationToken,
+    /// Fired when the drain's grace period is over: Redis calls still being
+    /// retried give up (the job stays in the processing list, in Redis).
+    abandon: CancellationToken,
+    /// When the last Redis operation failed (or the worker started): dead
+    /// workers are reaped only a heartbeat TTL after it.
+    last_outage: Mutex<Instant>,
+    /// Set when another process took this worker's id.
+    lost_id: Mutex<Option<String>>,
 }
 
 /// The configured egress policy plus the worker's own endpoints, refused.
@@ -154,6 +182,43 @@ impl Backoff {
     }
 }
 
+/// Claim the worker id: refused while another live process holds it.
+async fn claim_id(shared: &Shared) -> Result<bool, WorkerError> {
+    let ttl = Duration::from_millis(shared.cfg.heartbeat_ttl_ms);
+    let mut backoff = Backoff::new();
+    loop {
+        let claimed = match shared.queue.heartbeat(ttl).await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                redis_down(shared, &e);
+                sleep_or_cancel(backoff.next(), &shared.shutdown).await;
+                if shared.shutdown.is_cancelled() {
+                    return Ok(false);
+                }
+                continue;
+            }
+        };
+        redis_up(shared);
+        if !claimed {
+            let holder = shared.queue.id_holder().await.ok().flatten();
+            return Err(WorkerError::IdInUse {
+                id: shared.cfg.worker_id.clone(),
+                holder: holder.unwrap_or_else(|| "unknown".into()),
+            });
+        }
+        // The largest result Redis takes; a failure here is not fatal (the
+        // default is assumed) but an outage is waited out like any other.
+        match shared.queue.read_limits().await {
+            Ok(limit) => debug!(proto_max_bulk_len = limit, "Redis limits read"),
+            Err(e) => {
+                redis_down(shared, &e);
+                continue;
+            }
+        }
+        return Ok(true);
+    }
+}
+
 /// Run the worker until `shutdown` fires and the drain is done.
 pub async fn run(
     cfg: WorkerConfig,
@@ -177,8 +242,18 @@ pub async fn run(
         egress: Arc::new(egress_policy(&cfg)),
         running: Arc::new(Semaphore::new(cfg.concurrency)),
         shutdown: shutdown.clone(),
+        abandon: CancellationToken::new(),
+        last_outage: Mutex::new(Instant::now()),
+        lost_id: Mutex::new(None),
     });
     metrics.slots.set(cfg.concurrency as i64);
+
+    // Claim the id before taking anything, so a crash after the first fetch
+    // always leaves a heartbeat for the reaper to notice expiring.
+    if !claim_id(&shared).await? {
+        return Ok(());
+    }
+
     // Jobs held at once: running, taken ahead, or delivering their result;
     // so also the bound on results waiting for Redis during an outage.
     let capacity = cfg.concurrency + cfg.prefetch;
@@ -192,21 +267,11 @@ pub async fn run(
     let beat = tokio::spawn(heartbeat(shared.clone(), background.clone()));
     let depths = tokio::spawn(depth_reporter(shared.clone(), background.clone()));
 
-    // Register before taking anything, so a crash after the first fetch
-    // always leaves a heartbeat for the reaper to notice expiring.
     let mut backoff = Backoff::new();
-    let ttl = Duration::from_millis(cfg.heartbeat_ttl_ms);
-    while let Err(e) = queue.heartbeat(ttl, "{}").await {
-        redis_down(&shared, &e);
-        sleep_or_cancel(backoff.next(), &shutdown).await;
-        if shutdown.is_cancelled() {
-            background.cancel();
-            return Ok(());
-        }
-    }
     let mut conn = None;
     // After a lost connection, a BLMOVE may have moved a job whose reply we
-    // never read: look for such orphans in our own processing list.
+    // never read: look for such orphans in our own processing list. At
+    // start-up this hands back what an earlier process with this id left.
     let mut reconcile = true;
     info!(
         worker = %cfg.worker_id,
@@ -268,13 +333,54 @@ pub async fn run(
         }
     }
 
-    // Drain.
+    drain(
+        &shared,
+        &tracker,
+        kill_w,
+        &in_flight,
+        capacity - held.available_permits(),
+    )
+    .await;
+    background.cancel();
+    let _ = tokio::join!(beat, depths);
+    let lost = shared.lost_id.lock().ok().and_then(|l| l.clone());
+    if let Some(holder) = lost {
+        return Err(WorkerError::IdLost {
+            id: cfg.worker_id.clone(),
+            holder,
+        });
+    }
+    match tokio::time::timeout(WIND_DOWN, queue.deregister()).await {
+        Ok(Ok(Some(0))) => info!("deregistered"),
+        Ok(Ok(Some(n))) => info!(
+            requeued = n,
+            "deregistered; handed back jobs left in the processing list"
+        ),
+        Ok(Ok(None)) => warn!("another process holds this worker id now; left its keys alone"),
+        Ok(Err(e)) => warn!(error = %e, "could not deregister; the reaper will clean up"),
+        Err(_) => {
+            warn!("Redis did not answer the deregistration in time; the reaper will clean up")
+        }
+    }
+    Ok(())
+}
+
+/// Stop taking jobs; let running ones finish within the grace period; then
+/// stop the rest and hand back what was stopped. Bounded: the grace period
+/// plus [`WIND_DOWN`] twice, whatever Redis does.
+async fn drain(
+    shared: &Shared,
+    tracker: &TaskTracker,
+    kill_switch: OwnedFd,
+    in_flight: &InFlight,
+    held: usize,
+) {
     tracker.close();
-    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let grace = Duration::from_millis(shared.cfg.shutdown_grace_ms);
     info!(
-        held = capacity - held.available_permits(),
-        running = cfg.concurrency - shared.running.available_permits(),
-        grace_ms = cfg.shutdown_grace_ms,
+        held,
+        running = shared.cfg.concurrency - shared.running.available_permits(),
+        grace_ms = shared.cfg.shutdown_grace_ms,
         "shutting down: no new jobs"
     );
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -284,36 +390,50 @@ pub async fn run(
         );
         // Closing the kill switch stops every running job; their tasks see
         // `cancelled`, deliver nothing and leave their entry in `in_flight`.
-        drop(kill_w);
-        tracker.wait().await;
-    }
-    // What is left in `in_flight` was stopped by the drain: killed after the
-    // grace period, or taken ahead and never started.
-    let mut n = 0;
-    for (raw, id) in in_flight.take() {
-        match queue.requeue(&raw, id.as_deref()).await {
-            Ok(true) => n += 1,
-            Ok(false) => {}
-            Err(e) => {
-                error!(error = %e, "could not hand a job back; the reaper will recover it")
-            }
+        // Deliveries still waiting for Redis give up the same way.
+        drop(kill_switch);
+        shared.abandon.cancel();
+        if tokio::time::timeout(WIND_DOWN, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some jobs did not wind down in time");
         }
     }
-    metrics.requeued("shutdown", n);
-    if n > 0 {
-        info!(requeued = n, "jobs handed back to the queue");
+    // What is left in `in_flight` was stopped by the drain: killed after the
+    // grace period, taken ahead and never started, or finished with a
+    // result Redis did not take in time.
+    if shared.lost_id.lock().is_ok_and(|l| l.is_some()) {
+        // The id's processing list is another process's now.
+        return;
     }
-    background.cancel();
-    let _ = tokio::join!(beat, depths);
-    match queue.deregister().await {
-        Ok(0) => info!("deregistered"),
-        Ok(n) => info!(
-            requeued = n,
-            "deregistered; handed back jobs left in the processing list"
-        ),
-        Err(e) => warn!(error = %e, "could not deregister; the reaper will clean up"),
+    let left = in_flight.take();
+    let (mut requeued, mut stranded) = (0, 0);
+    let hand_back = async {
+        for (raw, id) in &left {
+            match shared.queue.requeue(raw, id.as_deref()).await {
+                Ok(true) => requeued += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    redis_down(shared, &e);
+                    stranded += 1;
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(WIND_DOWN, hand_back).await.is_err() {
+        stranded = left.len() - requeued;
     }
-    Ok(())
+    shared.metrics.requeued("shutdown", requeued as u64);
+    if requeued > 0 {
+        info!(requeued, "jobs handed back to the queue");
+    }
+    if stranded > 0 {
+        warn!(
+            jobs = stranded,
+            "Redis is unreachable: these jobs stay in this worker's processing list, where the reaper finds them"
+        );
+    }
 }
 
 fn redis_down(shared: &Shared, e: &QueueError) {
@@ -321,6 +441,9 @@ fn redis_down(shared: &Shared, e: &QueueError) {
     shared.metrics.redis_error(e.op());
     if let Ok(mut last) = shared.readiness.last_redis_error.lock() {
         *last = Some(e.to_string());
+    }
+    if let Ok(mut at) = shared.last_outage.lock() {
+        *at = Instant::now();
     }
     if was_up {
         error!(error = %e, "Redis unreachable; retrying with backoff");
@@ -335,11 +458,21 @@ fn redis_up(shared: &Shared) {
     }
 }
 
-/// Run a Redis operation until it succeeds, backing off between tries. For
-/// what a job must not lose (its result, its dead letter): the job is safe in
-/// the processing list meanwhile, and stays held (no new job is taken in its
-/// place), which bounds how much waits this way.
-async fn until_done<T, F, Fut>(shared: &Shared, mut op: F) -> T
+/// Why a Redis operation a job needs did not happen.
+#[derive(Debug)]
+enum Undone {
+    /// Redis answered with an error that retrying cannot fix.
+    Refused(QueueError),
+    /// The drain's grace period ended while Redis was still away.
+    Abandoned,
+}
+
+/// Run a Redis operation a job must not lose (its start, its result, its
+/// dead letter) through outages, backing off between tries. The job is safe
+/// in the processing list meanwhile, and stays held (no new job is taken in
+/// its place), which bounds how much waits this way. Errors that waiting
+/// cannot fix end the retries at once.
+async fn until_done<T, F, Fut>(shared: &Shared, mut op: F) -> Result<T, Undone>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, QueueError>>,
@@ -349,11 +482,18 @@ where
         match op().await {
             Ok(v) => {
                 redis_up(shared);
-                return v;
+                return Ok(v);
+            }
+            Err(e) if e.is_outage() => {
+                redis_down(shared, &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                    _ = shared.abandon.cancelled() => return Err(Undone::Abandoned),
+                }
             }
             Err(e) => {
-                redis_down(shared, &e);
-                tokio::time::sleep(backoff.next()).await;
+                shared.metrics.redis_error(e.op());
+                return Err(Undone::Refused(e));
             }
         }
     }
@@ -367,26 +507,43 @@ async fn sleep_or_cancel(d: Duration, token: &CancellationToken) {
 }
 
 /// Beat, then reap: every worker runs the (atomic, idempotent) reaper, so no
-/// leader is needed. The first beat is sent before the first fetch can be
-/// acknowledged, so a worker is never reaped for want of one.
-async fn heartbeat(shared: Arc<Shared>, shutdown: CancellationToken) {
+/// leader is needed. The id was claimed before the first fetch, so a worker
+/// is never reaped for want of a beat. A worker reaps only once it has been
+/// connected for a whole TTL: after an outage every live worker gets to beat
+/// again before anyone judges it dead.
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let every = Duration::from_millis(shared.cfg.heartbeat_ms);
     let ttl = Duration::from_millis(shared.cfg.heartbeat_ttl_ms);
-    let info = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "concurrency": shared.cfg.concurrency,
-        "pid": std::process::id(),
-    })
-    .to_string();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
         }
-        if let Err(e) = shared.queue.heartbeat(ttl, &info).await {
-            redis_down(&shared, &e);
+        match shared.queue.heartbeat(ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let holder = shared.queue.id_holder().await.ok().flatten();
+                let holder = holder.unwrap_or_else(|| "unknown".into());
+                error!(%holder, "another process took this worker's id; stopping");
+                if let Ok(mut lost) = shared.lost_id.lock() {
+                    *lost = Some(holder);
+                }
+                shared.shutdown.cancel();
+                return;
+            }
+            Err(e) => {
+                redis_down(&shared, &e);
+                continue;
+            }
+        }
+        let connected_for = shared
+            .last_outage
+            .lock()
+            .map(|at| at.elapsed())
+            .unwrap_or_default();
+        if connected_for < ttl {
             continue;
         }
         match shared.queue.reap(ttl).await {
@@ -432,55 +589,168 @@ async fn depth_reporter(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-/// Deliver a result, retrying through Redis outages; results are never dropped
-/// while the worker lives. Results of jobs that ran (or were given up on) are
-/// remembered under the job id; rejections are not.
-async fn deliver(shared: &Shared, raw: &[u8], result: &JobResult, reply_key: &str, ttl_s: u64) {
-    let remember = result.status != Status::Rejected;
-    push_result(
-        shared,
-        raw,
-        &result.id,
-        &result.to_json(),
-        reply_key,
-        ttl_s,
-        remember,
-    )
-    .await;
+/// How a job's last Redis step went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Done {
+    /// Its result (or rejection, or dead letter) is in Redis and the payload
+    /// left the processing list.
+    Delivered,
+    /// Finished without a result of ours: the id was already answered,
+    /// another worker holds the job now, or Redis refused even the fallback.
+    Dropped,
+    /// Stopped by the drain, or its result could not be delivered before the
+    /// drain ended; the entry stays in `InFlight` to be handed back.
+    Stopped,
 }
 
-async fn push_result(
-    shared: &Shared,
-    raw: &[u8],
-    id: &str,
-    json: &str,
-    reply_key: &str,
+/// Where a job's result goes and for how long.
+struct Destination<'a> {
+    raw: &'a [u8],
+    id: &'a str,
+    reply_key: &'a str,
     ttl_s: u64,
-    remember: bool,
-) {
-    let first = until_done(shared, || {
-        shared
-            .queue
-            .complete(raw, id, reply_key, json, ttl_s, remember)
-    })
-    .await;
-    if !first {
-        info!("a result for this id was already delivered; this one is dropped");
+}
+
+/// Deliver a result to a job this worker holds, through Redis outages, and
+/// with it a dead-letter entry if given. A result Redis cannot take (an
+/// error retrying cannot fix) becomes an `internal_error` result to the
+/// job's default key plus a dead-letter entry; never an endless retry.
+async fn deliver(
+    shared: &Shared,
+    to: &Destination<'_>,
+    result: &mut JobResult,
+    dead: Option<String>,
+) -> Done {
+    let json = result.to_json_within(shared.queue.max_result_bytes());
+    let if_unusable = JobResult::not_run(
+        to.id,
+        Status::Rejected,
+        format!(
+            "field `reply_to`: {:?} holds a value that is not a list; the result could not be pushed there",
+            to.reply_key
+        ),
+        &shared.cfg.worker_id,
+    )
+    .to_json();
+    let completion = Completion {
+        raw: to.raw,
+        id: Some(to.id),
+        reply: Some(Reply {
+            key: to.reply_key,
+            json: &json,
+            ttl_s: to.ttl_s,
+            remember: result.status != Status::Rejected,
+            status: result.status.as_str(),
+            if_unusable: &if_unusable,
+        }),
+        dead,
+        dead_max: shared.cfg.dead_letter_max,
+    };
+    match until_done(shared, || shared.queue.complete(&completion)).await {
+        Ok((outcome, trimmed)) => completed(shared, outcome, trimmed, to.reply_key),
+        Err(Undone::Abandoned) => Done::Stopped,
+        Err(Undone::Refused(e)) => {
+            error!(error = %e, "Redis refused the result; answering internal_error on the default key instead");
+            let reason = format!("the result could not be delivered: {e}");
+            let mut failed = JobResult::not_run(
+                to.id,
+                Status::InternalError,
+                reason.clone(),
+                &shared.cfg.worker_id,
+            );
+            failed.attempt = result.attempt;
+            failed.language = result.language;
+            let json = failed.to_json();
+            let default_key = shared.queue.keys.result(to.id);
+            let fallback = Completion {
+                raw: to.raw,
+                id: Some(to.id),
+                reply: Some(Reply {
+                    key: &default_key,
+                    json: &json,
+                    ttl_s: to.ttl_s,
+                    remember: false,
+                    status: Status::InternalError.as_str(),
+                    if_unusable: "",
+                }),
+                dead: Some(shared.queue.dead_entry(to.raw, &reason, Some(to.id))),
+                dead_max: shared.cfg.dead_letter_max,
+            };
+            match until_done(shared, || shared.queue.complete(&fallback)).await {
+                Ok((outcome, trimmed)) => {
+                    shared.metrics.dead_letter("undeliverable");
+                    completed(shared, outcome, trimmed, &default_key);
+                    // What the client gets is not this result.
+                    Done::Dropped
+                }
+                Err(Undone::Abandoned) => Done::Stopped,
+                Err(Undone::Refused(e)) => {
+                    error!(error = %e, "Redis refused the fallback too; the job stays in the processing list");
+                    Done::Dropped
+                }
+            }
+        }
     }
+}
+
+/// Record a dead letter for a payload that is not a job, and drop it.
+async fn dead_letter(shared: &Shared, raw: &[u8], reason: &str) -> Done {
+    let completion = Completion {
+        raw,
+        id: None,
+        reply: None,
+        dead: Some(shared.queue.dead_entry(raw, reason, None)),
+        dead_max: shared.cfg.dead_letter_max,
+    };
+    match until_done(shared, || shared.queue.complete(&completion)).await {
+        Ok((outcome, trimmed)) => completed(shared, outcome, trimmed, ""),
+        Err(Undone::Abandoned) => Done::Stopped,
+        Err(Undone::Refused(e)) => {
+            error!(error = %e, "Redis refused the dead letter; the payload stays in the processing list");
+            Done::Dropped
+        }
+    }
+}
+
+fn completed(shared: &Shared, outcome: Completed, trimmed: u64, reply_key: &str) -> Done {
+    if trimmed > 0 {
+        shared.metrics.dead_letters_trimmed(trimmed);
+    }
+    match outcome {
+        Completed::Pushed => Done::Delivered,
+        Completed::Redirected => {
+            warn!(
+                reply_key,
+                "the reply key is not a list: a `rejected` result went to the default key"
+            );
+            Done::Delivered
+        }
+        Completed::AlreadyAnswered => {
+            info!("a result for this id was already delivered; this one is dropped");
+            Done::Dropped
+        }
+        Completed::NotHeld => {
+            warn!("this worker no longer holds the job (it was reaped and handed on); its result is dropped");
+            Done::Dropped
+        }
+    }
+}
+
+/// Answer a job `rejected` without running it.
+async fn reject(shared: &Shared, to: &Destination<'_>, language: &str, message: String) -> Done {
+    info!(error = %message, "job rejected");
+    let mut result = JobResult::not_run(to.id, Status::Rejected, message, &shared.cfg.worker_id);
+    let done = deliver(shared, to, &mut result, None).await;
+    if done == Done::Delivered {
+        shared.metrics.job_finished(language, Status::Rejected);
+    }
+    done
 }
 
 async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<InFlight>) {
-    if handle_job(&shared, &raw, &in_flight).await == Done::Finished {
+    if handle_job(&shared, &raw, &in_flight).await != Done::Stopped {
         in_flight.remove(&raw);
     }
-}
-
-#[derive(PartialEq)]
-enum Done {
-    /// The payload left the processing list (result, rejection, dead letter).
-    Finished,
-    /// Stopped by the drain; the entry stays in `InFlight` to be handed back.
-    Stopped,
 }
 
 async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> Done {
@@ -490,9 +760,11 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         Ok(job) => job,
         Err(JobError::Unreadable(reason)) => {
             warn!(%reason, bytes = raw.len(), "payload is not a job: dead-lettered");
-            until_done(shared, || shared.queue.dead_letter(raw, &reason, None)).await;
-            shared.metrics.dead_letter("unreadable");
-            return Done::Finished;
+            let done = dead_letter(shared, raw, &reason).await;
+            if done == Done::Delivered {
+                shared.metrics.dead_letter("unreadable");
+            }
+            return done;
         }
         Err(JobError::Invalid {
             id,
@@ -502,39 +774,37 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             let reply_key = reply_to
                 .filter(|k| shared.queue.keys.reply_key_allowed(k))
                 .unwrap_or_else(|| shared.queue.keys.result(&id));
-            info!(job_id = %id, error = %message, "job rejected");
-            let result = JobResult::not_run(&id, Status::Rejected, message, &cfg.worker_id);
-            deliver(
-                shared,
+            let to = Destination {
                 raw,
-                &result,
-                &reply_key,
-                cfg.settings.limits.default_result_ttl_s,
-            )
-            .await;
-            shared.metrics.job_finished("unknown", Status::Rejected);
-            return Done::Finished;
+                id: &id,
+                reply_key: &reply_key,
+                ttl_s: cfg.settings.limits.default_result_ttl_s,
+            };
+            return reject(shared, &to, "unknown", message)
+                .instrument(info_span!("job", job_id = %id))
+                .await;
         }
     };
     let span = info_span!("job", job_id = %job.id, language = %job.language);
     let cfg = &cfg;
     async move {
-        let reply_key = match &job.reply_to {
-            Some(k) if !shared.queue.keys.reply_key_allowed(k) => {
-                let result = JobResult::not_run(
-                    &job.id,
-                    Status::Rejected,
-                    format!("field `reply_to`: {k:?} is one of sandq's own keys"),
-                    &cfg.worker_id,
-                );
-                let fallback = shared.queue.keys.result(&job.id);
-                deliver(shared, raw, &result, &fallback, job.result_ttl_s).await;
-                shared.metrics.job_finished(job.language.as_str(), Status::Rejected);
-                return Done::Finished;
-            }
-            Some(k) => k.clone(),
-            None => shared.queue.keys.result(&job.id),
+        let language = job.language.as_str();
+        let default_key = shared.queue.keys.result(&job.id);
+        let (reply_key, refused) = match &job.reply_to {
+            Some(k) if !shared.queue.keys.reply_key_allowed(k) => (default_key.clone(), Some(k)),
+            Some(k) => (k.clone(), None),
+            None => (default_key.clone(), None),
         };
+        let to = Destination {
+            raw,
+            id: &job.id,
+            reply_key: &reply_key,
+            ttl_s: job.result_ttl_s,
+        };
+        if let Some(k) = refused {
+            let why = format!("field `reply_to`: {k:?} is one of sandq's own keys");
+            return reject(shared, &to, language, why).await;
+        }
         // A job taken ahead waits here for a run slot; if the drain starts
         // first, it is handed back without running. Its delivery is counted
         // only once it has a slot: a prefetched job has not run, and must not
@@ -544,40 +814,58 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             _ = shared.shutdown.cancelled() => return Done::Stopped,
             p = shared.running.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
-        if reject_if_expired(shared, raw, &job, &reply_key).await {
-            return Done::Finished;
-        }
-        // Count the delivery (or find the id's stored result).
-        let attempt = match until_done(shared, || shared.queue.begin(&job.id)).await {
-            Begin::Run { attempt } => attempt.max(1),
-            Begin::Answered(stored) => {
+        // Count the delivery (or find the id answered, or its reply key unusable).
+        let (attempt, now_ms) = match until_done(shared, || shared.queue.begin(&job.id, &reply_key)).await {
+            Ok(Begin::Run { attempt, now_ms }) => (attempt, now_ms),
+            Ok(Begin::Answered) => {
                 // One result per job id: this id has had its result (this is
                 // a re-delivery of a job that was answered, or a new push
-                // reusing the id). Not run, nothing pushed: the remembering
-                // push finds the result stored and only drops the job.
+                // reusing the id). Not run, nothing pushed: only dropped.
                 info!("this id already has its result; not run again");
-                push_result(shared, raw, &job.id, &stored, &reply_key, job.result_ttl_s, true).await;
-                return Done::Finished;
+                let drop_only = Completion { raw, id: Some(&job.id), reply: None, dead: None, dead_max: cfg.dead_letter_max };
+                return match until_done(shared, || shared.queue.complete(&drop_only)).await {
+                    Err(Undone::Abandoned) => Done::Stopped,
+                    _ => Done::Dropped,
+                };
+            }
+            Ok(Begin::UnusableReplyKey { .. }) => {
+                let to = Destination { reply_key: &default_key, ..to };
+                let why = format!("field `reply_to`: {reply_key:?} holds a value that is not a list");
+                return reject(shared, &to, language, why).await;
+            }
+            Err(Undone::Abandoned) => return Done::Stopped,
+            Err(Undone::Refused(e)) => {
+                error!(error = %e, "Redis refused to start the job");
+                let mut result = JobResult::not_run(&job.id, Status::InternalError, format!("the job could not be started: {e}"), &cfg.worker_id);
+                let dead = shared.queue.dead_entry(raw, &format!("the job could not be started: {e}"), Some(&job.id));
+                let to = Destination { reply_key: &default_key, ..to };
+                return deliver(shared, &to, &mut result, Some(dead)).await;
             }
         };
+        // Expiry is judged on Redis' clock, the one producers can share.
+        if job.expires_at_ms.is_some_and(|at| now_ms > at) {
+            return reject(shared, &to, language, "expired before it started".into()).await;
+        }
         if attempt > cfg.max_attempts {
             let reason = format!(
                 "delivered {attempt} times, more than max_attempts {}: the job keeps killing its worker",
                 cfg.max_attempts
             );
             warn!(attempt, "poison job: dead-lettered");
-            until_done(shared, || shared.queue.dead_letter(raw, &reason, Some(&job.id))).await;
-            shared.metrics.dead_letter("max_attempts");
-            let mut result = JobResult::not_run(&job.id, Status::InternalError, reason, &cfg.worker_id);
+            let mut result = JobResult::not_run(&job.id, Status::InternalError, reason.clone(), &cfg.worker_id);
             result.attempt = attempt;
-            deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
-            shared.metrics.job_finished(job.language.as_str(), Status::InternalError);
-            return Done::Finished;
+            let dead = shared.queue.dead_entry(raw, &reason, Some(&job.id));
+            let done = deliver(shared, &to, &mut result, Some(dead)).await;
+            if done == Done::Delivered {
+                shared.metrics.dead_letter("max_attempts");
+                shared.metrics.job_finished(language, Status::InternalError);
+            }
+            return done;
         }
         if let Some(at) = job.enqueued_at_ms {
             shared
                 .metrics
-                .queue_waited(job.language, Duration::from_millis(now_ms().saturating_sub(at)));
+                .queue_waited(job.language, Duration::from_millis(now_ms.saturating_sub(at)));
         }
 
         in_flight.set_id(raw, &job.id);
@@ -594,10 +882,10 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         let teardown = teardown.map(|t| tokio::task::spawn_blocking(move || drop(t)));
         if outcome.as_ref().is_ok_and(|o| o.cancelled) {
             // Stopped by the drain, which hands it back to the queue.
-            settle(teardown).await;
+            torn_down(teardown).await;
             return Done::Stopped;
         }
-        let result = match outcome {
+        let mut result = match outcome {
             Ok(o) => {
                 record(shared, &job, &o);
                 to_result(&job, o, &cfg.worker_id, attempt)
@@ -611,12 +899,11 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
                     &cfg.worker_id,
                 );
                 r.attempt = attempt;
-                r.language = Some(job.language.as_str());
+                r.language = Some(language);
                 r.duration_ms = started.elapsed().as_millis() as u64;
                 r
             }
         };
-        shared.metrics.job_finished(job.language.as_str(), result.status);
         info!(
             status = result.status.as_str(),
             duration_ms = result.duration_ms,
@@ -629,15 +916,19 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         // starts meanwhile. The job stays held (see `held`) until delivered.
         let ran = Instant::now();
         let free_slot = async {
-            settle(teardown).await;
+            torn_down(teardown).await;
             drop(slot);
             ran.elapsed()
         };
+        let status = result.status;
         let deliver = async {
-            deliver(shared, raw, &result, &reply_key, job.result_ttl_s).await;
-            ran.elapsed()
+            let done = deliver(shared, &to, &mut result, None).await;
+            (done, ran.elapsed())
         };
-        let (settled, delivered) = tokio::join!(free_slot, deliver);
+        let (settled, (done, delivered)) = tokio::join!(free_slot, deliver);
+        if done == Done::Delivered {
+            shared.metrics.job_finished(language, status);
+        }
         debug!(
             before_run_ms = (started - taken).as_secs_f64() * 1e3,
             run_ms = (ran - started).as_secs_f64() * 1e3,
@@ -645,38 +936,19 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             settle_ms = settled.as_secs_f64() * 1e3,
             "where the time went"
         );
-        Done::Finished
+        done
     }
     .instrument(span)
     .await
 }
 
 /// Wait for a run's teardown (see `runner::Teardown`) to be done.
-async fn settle(teardown: Option<tokio::task::JoinHandle<()>>) {
+async fn torn_down(teardown: Option<tokio::task::JoinHandle<()>>) {
     if let Some(t) = teardown {
         if let Err(e) = t.await {
             error!(error = %e, "a job's teardown failed");
         }
     }
-}
-
-/// A job past its `expires_at_ms` is answered `rejected` instead of run.
-async fn reject_if_expired(shared: &Shared, raw: &[u8], job: &Job, reply_key: &str) -> bool {
-    if job.expires_at_ms.is_none_or(|at| now_ms() <= at) {
-        return false;
-    }
-    let result = JobResult::not_run(
-        &job.id,
-        Status::Rejected,
-        "expired before it started".into(),
-        &shared.cfg.worker_id,
-    );
-    info!("expired before it started");
-    deliver(shared, raw, &result, reply_key, job.result_ttl_s).await;
-    shared
-        .metrics
-        .job_finished(job.language.as_str(), Status::Rejected);
-    true
 }
 
 async fn run_blocking(shared: &Arc<Shared>, job: Job) -> Result<Finished, String> {

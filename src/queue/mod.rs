@@ -1,14 +1,19 @@
 //! The Redis side: keys, fetching, results, dead letters. Nothing of processes.
 //!
 //! The protocol (documented for producers in README.md, "The wire contract"):
-//! 1. producers `RPUSH <p>:queue <job JSON>`;
-//! 2. a worker with a free slot takes one with
+//! 1. a worker claims its id (`heartbeat.lua`: a live heartbeat key of another
+//!    process with the same id makes it refuse to start);
+//! 2. producers `RPUSH <p>:queue <job JSON>`;
+//! 3. a worker with a free slot takes one with
 //!    `BLMOVE <p>:queue <p>:processing:<worker> LEFT RIGHT <t>`, so a job in
 //!    flight is always in Redis, never only in a worker's memory;
-//! 3. it counts the delivery (`HINCRBY <p>:attempts <id> 1`);
-//! 4. it pushes the result and removes the job from its processing list in one
-//!    Lua script (`complete.lua`), which pushes only the first result for an id;
-//! 5. payloads that are not jobs go to `<p>:dead` (`dead_letter.lua`).
+//! 4. it counts the delivery (`begin.lua`), unless the id already has a result;
+//! 5. it pushes the result, or a dead-letter entry, and removes the job from
+//!    its processing list in one Lua script (`complete.lua`), which writes
+//!    only while the worker still holds the job and pushes only the first
+//!    result for an id;
+//! 6. every worker beats and reaps (`heartbeat.lua`, `reap.lua`) on Redis'
+//!    clock: the jobs of a worker whose heartbeat expired go back to the queue.
 //!
 //! Blocking commands run on a connection of their own with no client-side
 //! response timeout: a client timeout shorter than the block time makes the
@@ -21,9 +26,14 @@ pub use keys::Keys;
 
 use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Script};
+use redis::{AsyncConnectionConfig, ErrorKind, Script, ServerErrorKind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Largest bulk string Redis accepts unless configured otherwise
+/// (`proto-max-bulk-len`).
+pub const DEFAULT_MAX_BULK: usize = 512 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -53,17 +63,55 @@ impl QueueError {
             QueueError::Url { .. } | QueueError::Pool(_) => "connect",
         }
     }
+
+    /// Whether waiting can fix this: Redis unreachable, slow, loading,
+    /// out of memory, busy with a script, read-only during a failover. Errors
+    /// that say the command itself cannot succeed (a script error, WRONGTYPE,
+    /// a protocol limit, a bad argument, a missing permission) are not: retrying
+    /// those would loop forever.
+    pub fn is_outage(&self) -> bool {
+        let QueueError::Redis { source, .. } = self else {
+            // No connection at all (or no pool yet): Redis is away.
+            return matches!(self, QueueError::Connection { .. } | QueueError::Pool(_));
+        };
+        match source.kind() {
+            ErrorKind::Io | ErrorKind::Parse | ErrorKind::AuthenticationFailed => true,
+            ErrorKind::Server(kind) => matches!(
+                kind,
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            ),
+            ErrorKind::Extension => matches!(
+                source.code(),
+                Some("OOM" | "BUSY" | "NOREPLICAS" | "MISCONF" | "LOADING")
+            ),
+            _ => false,
+        }
+    }
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> QueueError {
     move |source| QueueError::Redis { op, source }
 }
 
+/// Redis' clock, in ms, from the reply to `TIME` inside a script.
+pub type RedisTimeMs = u64;
+
 /// A worker's handle on the queue.
 #[derive(Clone)]
 pub struct Queue {
     pub keys: Keys,
     pub worker_id: String,
+    /// This process's heartbeat value: it names the process (host, pid, a
+    /// random instance id), so that a second process with the same worker
+    /// id is told apart and refused.
+    instance: String,
+    /// Largest result JSON Redis accepts (`proto-max-bulk-len`, read at
+    /// start-up where allowed).
+    max_bulk: Arc<AtomicUsize>,
     client: redis::Client,
     pool: Pool,
     /// One multiplexed connection, taken from the pool once and shared by
@@ -73,10 +121,55 @@ pub struct Queue {
     shared: Arc<Mutex<Option<MultiplexedConnection>>>,
     begin: Script,
     complete: Script,
-    dead_letter: Script,
     requeue: Script,
+    heartbeat: Script,
     reap: Script,
     deregister: Script,
+}
+
+/// What `complete.lua` is asked to do for one job this worker holds.
+pub struct Completion<'a> {
+    /// The payload exactly as taken from the queue.
+    pub raw: &'a [u8],
+    /// The job id, when the payload had a readable one.
+    pub id: Option<&'a str>,
+    /// Where the result goes, and the result JSON (none for a payload that
+    /// is only dead-lettered).
+    pub reply: Option<Reply<'a>>,
+    /// A dead-letter entry to record with it (see [`Queue::dead_entry`]).
+    pub dead: Option<String>,
+    /// Most entries the dead list keeps (oldest trimmed).
+    pub dead_max: u64,
+}
+
+/// A result to push.
+pub struct Reply<'a> {
+    pub key: &'a str,
+    pub json: &'a str,
+    pub ttl_s: u64,
+    /// Store a done marker (the status) under the id: only the first result
+    /// for the id is pushed, and the id is not run again. Rejections are not
+    /// remembered.
+    pub remember: bool,
+    pub status: &'a str,
+    /// The `rejected` result that goes to the default key instead when the
+    /// reply key holds something that is not a list.
+    pub if_unusable: &'a str,
+}
+
+/// How a completion went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    /// The result was pushed to its reply key.
+    Pushed,
+    /// The id already had its result: nothing pushed, the job dropped.
+    AlreadyAnswered,
+    /// The reply key is not a list: the `rejected` result went to the
+    /// default key instead.
+    Redirected,
+    /// This worker no longer holds the job (it was reaped and handed to
+    /// another worker): nothing was written.
+    NotHeld,
 }
 
 impl Queue {
@@ -88,16 +181,29 @@ impl Queue {
         let pool = PoolConfig::from_url(url)
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| QueueError::Pool(e.to_string()))?;
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        let instance = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "host": host,
+            "pid": std::process::id(),
+            "instance": uuid::Uuid::new_v4().to_string(),
+        })
+        .to_string();
         Ok(Queue {
             keys: Keys::new(prefix),
             worker_id: worker_id.to_owned(),
+            instance,
+            max_bulk: Arc::new(AtomicUsize::new(DEFAULT_MAX_BULK)),
             client,
             pool,
             shared: Arc::default(),
             begin: Script::new(include_str!("begin.lua")),
             complete: Script::new(include_str!("complete.lua")),
-            dead_letter: Script::new(include_str!("dead_letter.lua")),
             requeue: Script::new(include_str!("requeue.lua")),
+            heartbeat: Script::new(include_str!("heartbeat.lua")),
             reap: Script::new(include_str!("reap.lua")),
             deregister: Script::new(include_str!("deregister.lua")),
         })
@@ -140,6 +246,45 @@ impl Queue {
             .map_err(redis_err("connect"))
     }
 
+    /// Read `proto-max-bulk-len`, the largest argument Redis accepts, so that
+    /// no result is built that Redis would refuse. Where `CONFIG` is not
+    /// allowed (managed Redis, ACLs), Redis' default is assumed.
+    pub async fn read_limits(&self) -> Result<usize, QueueError> {
+        let mut conn = self.conn("config").await?;
+        let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("proto-max-bulk-len")
+            .query_async(&mut conn)
+            .await;
+        let limit = match reply {
+            Ok(pair) => pair
+                .get(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_MAX_BULK),
+            Err(e) => {
+                let e = QueueError::Redis {
+                    op: "config",
+                    source: e,
+                };
+                if e.is_outage() {
+                    return Err(e);
+                }
+                DEFAULT_MAX_BULK
+            }
+        };
+        self.max_bulk.store(limit, Ordering::Relaxed);
+        Ok(limit)
+    }
+
+    /// The largest result JSON to send: Redis' bulk limit less room for the
+    /// rest of the call.
+    pub fn max_result_bytes(&self) -> usize {
+        self.max_bulk
+            .load(Ordering::Relaxed)
+            .saturating_sub(64 * 1024)
+            .max(64 * 1024)
+    }
+
     /// Take the next job, waiting up to `block`. `None` when the queue stayed empty.
     pub async fn fetch(
         &self,
@@ -157,79 +302,91 @@ impl Queue {
             .map_err(redis_err("fetch"))
     }
 
-    /// Start a delivery of job `id`: its delivery number (1 = first), or the
-    /// result already stored for this id (then it is not run again).
-    pub async fn begin(&self, id: &str) -> Result<Begin, QueueError> {
+    /// Start a delivery of job `id` whose result goes to `reply_key`.
+    pub async fn begin(&self, id: &str, reply_key: &str) -> Result<Begin, QueueError> {
         let mut conn = self.conn("begin").await?;
-        let (attempt, stored): (u32, Option<String>) = self
+        let (attempt, done, reply_ok, now): (u32, Option<String>, u8, RedisTimeMs) = self
             .begin
             .key(self.keys.attempts())
             .key(self.keys.done(id))
+            .key(reply_key)
             .arg(id)
             .invoke_async(&mut conn)
             .await
             .map_err(self.failed("begin"))?;
-        Ok(match stored {
-            Some(result) => Begin::Answered(result),
-            None => Begin::Run { attempt },
+        Ok(match (done, reply_ok) {
+            (Some(_), _) => Begin::Answered,
+            (None, 0) => Begin::UnusableReplyKey { now_ms: now },
+            (None, _) => Begin::Run {
+                attempt: attempt.max(1),
+                now_ms: now,
+            },
         })
     }
 
-    /// Push the result and drop the job from the processing list. With
-    /// `remember`, the result is stored under the id and pushed only if no
-    /// result was stored before; returns false when one was.
-    pub async fn complete(
-        &self,
-        raw: &[u8],
-        id: &str,
-        reply_key: &str,
-        result_json: &str,
-        ttl_s: u64,
-        remember: bool,
-    ) -> Result<bool, QueueError> {
+    /// Finish a job this worker holds: result, dead letter, or both, and the
+    /// job leaves the processing list. Returns how it went and how many old
+    /// dead-letter entries were trimmed to keep the list at its cap.
+    pub async fn complete(&self, c: &Completion<'_>) -> Result<(Completed, u64), QueueError> {
         let mut conn = self.conn("complete").await?;
-        let pushed: i64 = self
-            .complete
-            .key(reply_key)
-            .key(self.keys.processing(&self.worker_id))
-            .key(self.keys.done(id))
-            .key(self.keys.attempts())
-            .arg(result_json)
-            .arg(ttl_s)
-            .arg(raw)
-            .arg(id)
-            .arg(if remember { "1" } else { "0" })
+        let id = c.id.unwrap_or("");
+        let default_key = self.keys.result(id);
+        let mut call = self.complete.prepare_invoke();
+        match &c.reply {
+            Some(r) => call
+                .key(r.key)
+                .key(self.keys.processing(&self.worker_id))
+                .key(self.keys.done(id))
+                .key(self.keys.attempts())
+                .key(&default_key)
+                .key(self.keys.dead())
+                .arg(r.json)
+                .arg(r.ttl_s)
+                .arg(c.raw)
+                .arg(id)
+                .arg(if r.remember { "1" } else { "0" })
+                .arg(r.status)
+                .arg(r.if_unusable),
+            None => call
+                .key(&default_key)
+                .key(self.keys.processing(&self.worker_id))
+                .key(self.keys.done(id))
+                .key(self.keys.attempts())
+                .key(&default_key)
+                .key(self.keys.dead())
+                .arg("")
+                .arg(1)
+                .arg(c.raw)
+                .arg(id)
+                .arg("0")
+                .arg("")
+                .arg(""),
+        };
+        let (outcome, trimmed): (i64, u64) = call
+            .arg(c.dead.as_deref().unwrap_or(""))
+            .arg(c.dead_max)
             .invoke_async(&mut conn)
             .await
             .map_err(self.failed("complete"))?;
-        Ok(pushed == 1)
+        let outcome = match outcome {
+            1 => Completed::Pushed,
+            0 => Completed::AlreadyAnswered,
+            2 => Completed::Redirected,
+            _ => Completed::NotHeld,
+        };
+        Ok((outcome, trimmed))
     }
 
-    /// Move a payload that is not a runnable job to the dead-letter list.
-    pub async fn dead_letter(
-        &self,
-        raw: &[u8],
-        reason: &str,
-        id: Option<&str>,
-    ) -> Result<(), QueueError> {
-        let entry = serde_json::json!({
+    /// A dead-letter entry: `{"reason", "payload", "id", "worker", "at_ms"}`.
+    pub fn dead_entry(&self, raw: &[u8], reason: &str, id: Option<&str>) -> String {
+        serde_json::json!({
             "reason": reason,
             "payload": String::from_utf8_lossy(raw),
             "id": id,
             "worker": self.worker_id,
             "at_ms": now_ms(),
-        });
-        let mut conn = self.conn("dead_letter").await?;
-        let _: i64 = self
-            .dead_letter
-            .key(self.keys.dead())
-            .key(self.keys.processing(&self.worker_id))
-            .arg(entry.to_string())
-            .arg(raw)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(self.failed("dead_letter"))?;
-        Ok(())
+        })
+        .to_string()
     }
 
     /// Put a job back at the head of the queue, uncounted (shutdown).
@@ -248,24 +405,30 @@ impl Queue {
         Ok(moved == 1)
     }
 
-    /// Refresh this worker's heartbeat key (with `ttl`) and its score in the
-    /// registry, in one round trip.
-    pub async fn heartbeat(&self, ttl: Duration, info: &str) -> Result<(), QueueError> {
+    /// Claim this worker's id, or refresh the claim: heartbeat key (with
+    /// `ttl`) and score in the registry, both on Redis' clock. False when
+    /// another live process holds the id.
+    pub async fn heartbeat(&self, ttl: Duration) -> Result<bool, QueueError> {
         let mut conn = self.conn("heartbeat").await?;
-        redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(self.keys.worker(&self.worker_id))
-            .arg(info)
-            .arg("PX")
+        let ours: i64 = self
+            .heartbeat
+            .key(self.keys.worker(&self.worker_id))
+            .key(self.keys.workers())
+            .arg(&self.instance)
             .arg(ttl.as_millis() as u64)
-            .ignore()
-            .cmd("ZADD")
-            .arg(self.keys.workers())
-            .arg(now_ms())
             .arg(&self.worker_id)
-            .ignore()
-            .query_async::<()>(&mut conn)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(self.failed("heartbeat"))?;
+        Ok(ours == 1)
+    }
+
+    /// Who holds this worker's id now (the heartbeat value), if anyone.
+    pub async fn id_holder(&self) -> Result<Option<String>, QueueError> {
+        let mut conn = self.conn("heartbeat").await?;
+        redis::cmd("GET")
+            .arg(self.keys.worker(&self.worker_id))
+            .query_async(&mut conn)
             .await
             .map_err(self.failed("heartbeat"))
     }
@@ -278,25 +441,29 @@ impl Queue {
             .key(self.keys.workers())
             .key(self.keys.queue())
             .arg(self.keys.prefix())
-            .arg(now_ms())
             .arg(stale_after.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(self.failed("reap"))
     }
 
-    /// Leave cleanly: hand back what is left, drop heartbeat and registration.
-    pub async fn deregister(&self) -> Result<u64, QueueError> {
+    /// Leave cleanly: hand back what is left, drop heartbeat and
+    /// registration. `None` when another process holds the id now (nothing
+    /// is touched).
+    pub async fn deregister(&self) -> Result<Option<u64>, QueueError> {
         let mut conn = self.conn("deregister").await?;
-        self.deregister
+        let moved: i64 = self
+            .deregister
             .key(self.keys.processing(&self.worker_id))
             .key(self.keys.queue())
             .key(self.keys.worker(&self.worker_id))
             .key(self.keys.workers())
             .arg(&self.worker_id)
+            .arg(&self.instance)
             .invoke_async(&mut conn)
             .await
-            .map_err(self.failed("deregister"))
+            .map_err(self.failed("deregister"))?;
+        Ok(u64::try_from(moved).ok())
     }
 
     /// Everything in this worker's processing list.
@@ -337,15 +504,70 @@ impl Queue {
 /// How a delivery starts.
 #[derive(Debug)]
 pub enum Begin {
-    /// Run the job; this is delivery number `attempt`.
-    Run { attempt: u32 },
-    /// The id already has this result: do not run it again.
-    Answered(String),
+    /// Run the job; this is delivery number `attempt`. `now_ms` is Redis' clock.
+    Run { attempt: u32, now_ms: RedisTimeMs },
+    /// The id already has its result: do not run it again.
+    Answered,
+    /// The reply key holds something that is not a list: the result could
+    /// not be delivered there, so the job is rejected without running.
+    UnusableReplyKey { now_ms: RedisTimeMs },
 }
 
+/// The worker's clock, for what only informs (dead-letter entries).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error reply as Redis sends it, through the client's own parser.
+    fn redis_error(reply: &str) -> QueueError {
+        let value = redis::parse_redis_value(format!("-{reply}\r\n").as_bytes()).unwrap();
+        let redis::Value::ServerError(e) = value else {
+            panic!("{value:?} is not an error reply")
+        };
+        QueueError::Redis {
+            op: "complete",
+            source: e.into(),
+        }
+    }
+
+    #[test]
+    fn outages_are_told_from_errors_retrying_cannot_fix() {
+        for reply in [
+            "LOADING Redis is loading the dataset in memory",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "BUSY Redis is busy running a script.",
+            "MASTERDOWN Link with MASTER is down",
+            "READONLY You can't write against a read only replica.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist",
+        ] {
+            assert!(redis_error(reply).is_outage(), "{reply}");
+        }
+        for reply in [
+            "ERR Error running script (call to f_0123): @user_script:10: ERR invalid expire time in 'set' command",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "ERR Protocol error: invalid bulk length",
+            "NOSCRIPT No matching script. Please use EVAL.",
+            "NOPERM this user has no permissions to run the 'evalsha' command",
+        ] {
+            assert!(!redis_error(reply).is_outage(), "{reply}");
+        }
+        let io = QueueError::Redis {
+            op: "fetch",
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionReset).into(),
+        };
+        assert!(io.is_outage());
+        let none = QueueError::Connection {
+            op: "fetch",
+            message: "refused".into(),
+        };
+        assert!(none.is_outage());
+    }
 }

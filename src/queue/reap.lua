@@ -2,16 +2,20 @@
 -- idempotent, so every worker can run it without a leader: a second run finds
 -- nothing left to move.
 --
--- KEYS[1] <p>:workers (sorted set of worker id by last beat, ms)
+-- KEYS[1] <p>:workers (sorted set of worker id by last beat, Redis time in ms)
 -- KEYS[2] <p>:queue
--- ARGV[1] prefix   ARGV[2] now (ms)   ARGV[3] a beat older than this (ms) is suspect
+-- ARGV[1] prefix   ARGV[2] a beat older than this (ms) is suspect
 --
 -- A suspect worker is dead only if its heartbeat key <p>:worker:<id> is gone
--- (it has a TTL). Its processing list goes back to the HEAD of the queue in
--- the order the jobs were taken. Keys are built here from the prefix, so this
--- script is for a single Redis (not Cluster).
+-- (it has a TTL): a worker whose heartbeat is back is never reaped. Its
+-- processing list goes back to the HEAD of the queue in the order the jobs
+-- were taken. Time is Redis' own (TIME), never a worker's clock. Keys are
+-- built here from the prefix, so this script is for a single Redis (not
+-- Cluster).
 -- Returns {jobs moved, workers reaped}.
-local suspects = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local suspects = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 local moved, reaped = 0, 0
 for _, id in ipairs(suspects) do
   if redis.call('EXISTS', ARGV[1] .. ':worker:' .. id) == 0 then

@@ -301,6 +301,14 @@ pub struct Supervisor<'a> {
     pub cgroup: Option<&'a JobCgroup>,
 }
 
+/// Longest single `poll` while a job runs: how finely a stall of the
+/// supervisor itself is measured.
+const STALL_CHECK: Duration = Duration::from_millis(200);
+/// A `poll` that returns this much later than asked means this thread was
+/// not running (the worker was stopped or starved); the job gets that time
+/// back on its deadline.
+const STALL_SLACK: Duration = Duration::from_millis(50);
+
 /// Most pipes a job is fed through (fd 3 and stdin).
 const MAX_INPUTS: usize = 2;
 
@@ -404,6 +412,10 @@ impl Supervisor<'_> {
         let mut unlisted: Vec<String> = Vec::new();
         // Set when the job called exit_group: (status, usage, cgroup report).
         let mut exit: Option<(i32, Usage, Option<CgroupReport>)> = None;
+        // The deadline moves later by the time this thread was not running
+        // (the worker stopped, or starved of CPU): a job blocked on a full
+        // pipe that nobody read meanwhile is not charged for it.
+        let mut deadline = self.deadline;
 
         loop {
             let streams_open = out.fd.is_some() || err.fd.is_some();
@@ -413,7 +425,7 @@ impl Supervisor<'_> {
                 }
             }
             let now = Instant::now();
-            if !killed && now >= self.deadline {
+            if !killed && now >= deadline {
                 timed_out = true;
                 killed = true;
                 kill(self.child);
@@ -421,7 +433,7 @@ impl Supervisor<'_> {
             let wait = if killed || exited_at.is_some() {
                 DRAIN_AFTER_EXIT
             } else {
-                self.deadline - now
+                (deadline - now).min(STALL_CHECK)
             };
 
             let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(6 + MAX_INPUTS);
@@ -455,8 +467,13 @@ impl Supervisor<'_> {
                 add(5, fd, libc::POLLIN, &mut pfds);
             }
             let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+            let polled = Instant::now();
             // SAFETY: pfds is a live Vec of pollfd; its length is passed.
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms.max(1)) };
+            let overslept = polled.elapsed().saturating_sub(wait);
+            if overslept > STALL_SLACK {
+                deadline += overslept;
+            }
             if n < 0 {
                 if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                     continue;
