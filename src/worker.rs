@@ -646,7 +646,18 @@ async fn deliver(
         dead,
         dead_max: shared.cfg.dead_letter_max,
     };
-    match until_done(shared, || shared.queue.complete(&completion)).await {
+    let mut tries = 0;
+    let pushed = until_done(shared, || {
+        tries += 1;
+        shared.queue.complete(&completion)
+    });
+    match pushed.await {
+        // A try that failed on the client may have gone through on Redis:
+        // then this one finds the job gone, and the result is in place.
+        Ok((Completed::NotHeld, _)) if tries > 1 => {
+            info!("an earlier try of this delivery went through");
+            Done::Delivered
+        }
         Ok((outcome, trimmed)) => completed(shared, outcome, trimmed, to.reply_key),
         Err(Undone::Abandoned) => Done::Stopped,
         Err(Undone::Refused(e)) => {

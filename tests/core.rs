@@ -402,17 +402,8 @@ fn bad_payloads_are_dead_lettered_or_rejected() {
     while llen(&mut c, &format!("{p}:dead")) < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let dead: Vec<String> = redis::cmd("LRANGE")
-        .arg(format!("{p}:dead"))
-        .arg(0)
-        .arg(-1)
-        .query(&mut c)
-        .unwrap();
-    assert_eq!(dead.len(), 2, "{dead:?}");
-    let entries: Vec<serde_json::Value> = dead
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let entries = dead_letters(&mut c, &p);
+    assert_eq!(entries.len(), 2, "{entries:?}");
     let text = entries
         .iter()
         .find(|e| e["payload"] == "this is not json")

@@ -4,8 +4,7 @@
 
 mod common;
 use common::*;
-use serde_json::{json, Value};
-use std::collections::HashMap;
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// Fast failure detection for tests: beat every 250 ms, dead after 1.5 s.
@@ -15,33 +14,6 @@ fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut v: Vec<&str> = FAST.to_vec();
     v.extend_from_slice(extra);
     v
-}
-
-/// Collect one result per id from the reply keys, then check nothing more came.
-fn collect(
-    conn: &mut redis::Connection,
-    prefix: &str,
-    ids: &[String],
-    timeout: Duration,
-) -> HashMap<String, Value> {
-    let deadline = Instant::now() + timeout;
-    let mut got = HashMap::new();
-    for id in ids {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(100));
-        let r = result(conn, prefix, id, left);
-        got.insert(id.clone(), r);
-    }
-    // Exactly one: nothing left on any reply key.
-    for id in ids {
-        assert_eq!(
-            llen(conn, &format!("{prefix}:result:{id}")),
-            0,
-            "a second result for {id}"
-        );
-    }
-    got
 }
 
 #[test]
@@ -168,15 +140,9 @@ fn poison_job_is_dead_lettered_after_max_attempts() {
     assert_status(&r, "internal_error");
     assert_eq!(r["attempt"], 4);
     assert!(r["error"].as_str().unwrap().contains("max_attempts"), "{r}");
-    let dead: Vec<String> = redis::cmd("LRANGE")
-        .arg(format!("{p}:dead"))
-        .arg(0)
-        .arg(-1)
-        .query(&mut c)
-        .unwrap();
+    let dead = dead_letters(&mut c, &p);
     assert_eq!(dead.len(), 1);
-    let entry: Value = serde_json::from_str(&dead[0]).unwrap();
-    assert_eq!(entry["id"], "poison");
+    assert_eq!(dead[0]["id"], "poison");
     for id in &others {
         assert_status(&result(&mut c, &p, id, Duration::from_secs(30)), "ok");
     }
@@ -352,92 +318,12 @@ fn wait_running(c: &mut redis::Connection, p: &str, n: i64) {
     std::thread::sleep(Duration::from_millis(500));
 }
 
-/// Worker processes killed when the test ends, even when it fails.
-struct Procs(Vec<std::process::Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A redis-server of our own with AOF, so it can be killed and restarted with its data.
-struct OwnRedis {
-    child: Option<std::process::Child>,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    fn start(port: u16, dir: &std::path::Path) -> OwnRedis {
-        std::fs::create_dir_all(dir).unwrap();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let r = OwnRedis {
-            child: Some(child),
-            port,
-            dir: dir.to_owned(),
-        };
-        let client = redis::Client::open(r.url()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client
-            .get_connection_with_timeout(Duration::from_millis(200))
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        r
-    }
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn redis_restart_mid_run_loses_nothing() {
     if redis().is_none() {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("sandq-redis-{port}"));
-    let mut server = OwnRedis::start(port, &dir);
+    let mut server = OwnRedis::start(&[]);
     let url = server.url();
     let p = prefix("restart");
     let spawn_worker = || {
@@ -473,7 +359,7 @@ fn redis_restart_mid_run_loses_nothing() {
     std::thread::sleep(Duration::from_millis(1200));
     server.kill();
     std::thread::sleep(Duration::from_millis(1500));
-    server = OwnRedis::start(port, &dir);
+    server.restart();
     let mut c = client.get_connection().unwrap();
     let results = collect(&mut c, &p, &ids, Duration::from_secs(120));
     for (i, id) in ids.iter().enumerate() {

@@ -69,7 +69,7 @@ if dead ~= '' then
   end
 end
 redis.call('LREM', KEYS[2], 1, ARGV[3])
-if ARGV[4] ~= '' then
+if ARGV[4] ~= '' and redis.call('TYPE', KEYS[4])['ok'] == 'hash' then
   redis.call('HDEL', KEYS[4], ARGV[4])
 end
 return {outcome, trimmed}

@@ -63,6 +63,11 @@ impl Worker {
         Self::spawn(&redis_url(), prefix, id, "off", args)
     }
 
+    /// A worker against the Redis at `redis`, with the given id.
+    pub fn start_on(redis: &str, prefix: &str, id: &str, args: &[&str]) -> Worker {
+        Self::spawn(redis, prefix, id, "off", args)
+    }
+
     /// A worker serving /metrics, /healthz and /readyz on a free local port.
     pub fn start_with_metrics(prefix: &str, args: &[&str]) -> (Worker, u16) {
         Self::start_with_metrics_on(&redis_url(), prefix, args)
@@ -212,6 +217,33 @@ pub fn result(conn: &mut redis::Connection, prefix: &str, id: &str, timeout: Dur
     serde_json::from_str(&json).unwrap()
 }
 
+/// Collect one result per id from the reply keys, then check nothing more came.
+pub fn collect(
+    conn: &mut redis::Connection,
+    prefix: &str,
+    ids: &[String],
+    timeout: Duration,
+) -> std::collections::HashMap<String, Value> {
+    let deadline = Instant::now() + timeout;
+    let mut got = std::collections::HashMap::new();
+    for id in ids {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let r = result(conn, prefix, id, left);
+        got.insert(id.clone(), r);
+    }
+    // Exactly one: nothing left on any reply key.
+    for id in ids {
+        assert_eq!(
+            llen(conn, &format!("{prefix}:result:{id}")),
+            0,
+            "a second result for {id}"
+        );
+    }
+    got
+}
+
 /// Push one job and wait for its result.
 pub fn run_job(conn: &mut redis::Connection, prefix: &str, mut job: Value) -> Value {
     let id = format!("j-{:016x}", rand::random::<u64>());
@@ -236,6 +268,20 @@ pub fn node(conn: &mut redis::Connection, prefix: &str, code: &str) -> Value {
     run_job(conn, prefix, json!({"language": "nodejs", "code": code}))
 }
 
+/// The dead-letter entries under `prefix`, oldest first.
+pub fn dead_letters(conn: &mut redis::Connection, prefix: &str) -> Vec<Value> {
+    let entries: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{prefix}:dead"))
+        .arg(0)
+        .arg(-1)
+        .query(conn)
+        .unwrap();
+    entries
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("a dead-letter entry is JSON"))
+        .collect()
+}
+
 pub fn llen(conn: &mut redis::Connection, key: &str) -> i64 {
     redis::cmd("LLEN").arg(key).query(conn).unwrap()
 }
@@ -257,4 +303,105 @@ pub fn assert_status(r: &Value, status: &str) {
         "unexpected result: {}",
         serde_json::to_string_pretty(r).unwrap()
     );
+}
+
+/// Processes killed when the test ends, even when it fails.
+pub struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A redis-server of the test's own on a free port, with AOF (so it can be
+/// killed and restarted with its data), for faults that must not touch the
+/// shared Redis: kills, stalls, pauses, odd configuration.
+pub struct OwnRedis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+    extra: Vec<String>,
+}
+
+impl OwnRedis {
+    /// Start one; `extra` are more `redis-server` options.
+    pub fn start(extra: &[&str]) -> OwnRedis {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("sandq-redis-{port}-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = OwnRedis {
+            child: None,
+            port,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.restart();
+        r
+    }
+
+    /// Start (again) on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client
+            .get_connection_with_timeout(Duration::from_millis(200))
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: the data written so far stays in the AOF.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
