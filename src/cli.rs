@@ -47,6 +47,12 @@ impl CliError {
             CliError::Config(_) => 2,
             CliError::Sandbox(_) | CliError::SelfTest(_) | CliError::Run(_) => 3,
             CliError::Redis(_) | CliError::EmbeddedRedis(_) => 4,
+            // Two processes given one worker id: the operator's to fix.
+            CliError::Worker(
+                crate::worker::WorkerError::IdInUse { .. }
+                | crate::worker::WorkerError::IdLost { .. },
+            ) => 2,
+            CliError::Worker(crate::worker::WorkerError::Queue(_)) => 4,
             CliError::Batch(e) => e.exit_code(),
             CliError::Gateway(e) => e.exit_code(),
             _ => 1,
