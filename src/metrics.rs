@@ -132,6 +132,7 @@ impl Metrics {
             }
             m.pool_hits.with_label_values(&[l.as_str()]);
             m.pool_misses.with_label_values(&[l.as_str()]);
+            m.pool_size.with_label_values(&[l.as_str()]);
             for h in [
                 &m.job_duration,
                 &m.queue_wait,
