@@ -826,7 +826,9 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             p = shared.running.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         // Count the delivery (or find the id answered, or its reply key unusable).
-        let (attempt, now_ms) = match until_done(shared, || shared.queue.begin(&job.id, &reply_key)).await {
+        let delivery = uuid::Uuid::new_v4().to_string();
+        let begun = until_done(shared, || shared.queue.begin(&job.id, &reply_key, &delivery));
+        let (attempt, now_ms) = match begun.await {
             Ok(Begin::Run { attempt, now_ms }) => (attempt, now_ms),
             Ok(Begin::Answered) => {
                 // One result per job id: this id has had its result (this is

@@ -2,14 +2,16 @@
 -- or its reply key cannot take one.
 --
 -- KEYS[1] attempts hash    KEYS[2] done marker    KEYS[3] reply key
--- ARGV[1] job id
+-- ARGV[1] job id            ARGV[2] this delivery's token (random, per fetch)
 --
 -- Returns {delivery number, done marker or false, reply key usable (1/0), Redis time (ms)}.
 -- The delivery number is 0 when the job is not to be run: its id has a
 -- result (the done marker is returned), or its reply key holds something
 -- that is not a list (nothing is counted; the worker rejects the job).
 -- The time is Redis' own, so that expiry decisions do not depend on the
--- worker's clock.
+-- worker's clock. A call retried after a client timeout may have run
+-- already: the token (kept in the field "<id> delivery") makes it count
+-- the delivery once.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local done = redis.call('GET', KEYS[2])
@@ -20,4 +22,9 @@ local kind = redis.call('TYPE', KEYS[3])['ok']
 if kind ~= 'none' and kind ~= 'list' then
   return {0, false, 0, now}
 end
+local token = ARGV[1] .. ' delivery'
+if redis.call('HGET', KEYS[1], token) == ARGV[2] then
+  return {tonumber(redis.call('HGET', KEYS[1], ARGV[1])), false, 1, now}
+end
+redis.call('HSET', KEYS[1], token, ARGV[2])
 return {redis.call('HINCRBY', KEYS[1], ARGV[1], 1), false, 1, now}

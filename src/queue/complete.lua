@@ -70,6 +70,6 @@ if dead ~= '' then
 end
 redis.call('LREM', KEYS[2], 1, ARGV[3])
 if ARGV[4] ~= '' and redis.call('TYPE', KEYS[4])['ok'] == 'hash' then
-  redis.call('HDEL', KEYS[4], ARGV[4])
+  redis.call('HDEL', KEYS[4], ARGV[4], ARGV[4] .. ' delivery')
 end
 return {outcome, trimmed}

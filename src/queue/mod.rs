@@ -302,8 +302,15 @@ impl Queue {
             .map_err(redis_err("fetch"))
     }
 
-    /// Start a delivery of job `id` whose result goes to `reply_key`.
-    pub async fn begin(&self, id: &str, reply_key: &str) -> Result<Begin, QueueError> {
+    /// Start a delivery of job `id` whose result goes to `reply_key`;
+    /// `delivery` is unique to this fetch, so that a retried call counts the
+    /// delivery once.
+    pub async fn begin(
+        &self,
+        id: &str,
+        reply_key: &str,
+        delivery: &str,
+    ) -> Result<Begin, QueueError> {
         let mut conn = self.conn("begin").await?;
         let (attempt, done, reply_ok, now): (u32, Option<String>, u8, RedisTimeMs) = self
             .begin
@@ -311,6 +318,7 @@ impl Queue {
             .key(self.keys.done(id))
             .key(reply_key)
             .arg(id)
+            .arg(delivery)
             .invoke_async(&mut conn)
             .await
             .map_err(self.failed("begin"))?;

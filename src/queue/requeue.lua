@@ -8,6 +8,7 @@ local removed = redis.call('LREM', KEYS[2], 1, ARGV[1])
 if removed == 1 then
   redis.call('LPUSH', KEYS[1], ARGV[1])
   if ARGV[2] ~= '' then
+    redis.call('HDEL', KEYS[3], ARGV[2] .. ' delivery')
     local left = redis.call('HINCRBY', KEYS[3], ARGV[2], -1)
     if left <= 0 then redis.call('HDEL', KEYS[3], ARGV[2]) end
   end
