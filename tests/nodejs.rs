@@ -768,14 +768,15 @@ fn nodejs_network_job_cannot_reach_host_redis() {
     assert_still_serves(&mut c, &p);
 }
 
-/// Node's clients, each printing one line: names through `dns.lookup`
-/// (getaddrinfo with AI_ADDRCONFIG, whose netlink probe is refused quietly),
+/// Node's clients, each printing one line: names through `dns.lookup` with
+/// `ADDRCONFIG`, as `net` and `http` look names up (glibc's netlink probe
+/// for it is refused quietly),
 /// TCP through the relay by `net` and `http`, `fetch` and `https` (which
 /// ignore the proxy variables and find nothing listening), UDP by `dgram`.
 const NODE_CLIENTS: &str = r#"const dns = require('dns'), net = require('net'), http = require('http'), https = require('https'), dgram = require('dgram');
 const step = (f) => new Promise(f);
 (async () => {
-  console.log('dns', await step((ok) => dns.lookup('localhost', (e, a) => ok(e ? e.code : a))));
+  console.log('dns', await step((ok) => dns.lookup('localhost', {hints: dns.ADDRCONFIG}, (e, a) => ok(e ? e.code : a))));
   if (process.env.http_proxy === undefined) return;
   console.log('net', await step((ok) => {
     const s = net.connect(3128, 'localhost', () => s.write('GET http://10.0.0.1/ HTTP/1.0\r\n\r\n'));

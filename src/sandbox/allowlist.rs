@@ -95,10 +95,13 @@ pub struct SocketRule {
 /// The socket types a `kind` is compared on: the kernel ignores the flag bits above.
 pub const SOCK_TYPE_MASK: u64 = 0xf;
 
-/// glibc's `getaddrinfo` with `AI_ADDRCONFIG` (Node's `dns.lookup`, and so
-/// `http.get`, `net.connect` and `fetch` by name) asks the kernel which
-/// address families have interfaces with a `NETLINK_ROUTE` socket. Refused,
-/// glibc assumes both IPv4 and IPv6 (`__check_pf`) and the lookup goes on.
+/// glibc's `getaddrinfo` with `AI_ADDRCONFIG` (Node's `net.connect`,
+/// `http.get` and `fetch` by name) asks the kernel which address families
+/// have interfaces with a `NETLINK_ROUTE` socket. Refused, glibc assumes both
+/// IPv4 and IPv6 (`__check_pf`) and the lookup goes on; allowed, it would see
+/// only the job's loopback, which does not count, and `localhost` with
+/// `AF_INET` would not resolve at all. Listing interfaces
+/// (`os.networkInterfaces()`, `socket.if_nameindex()`) fails with the errno.
 const NETLINK_ROUTE_QUIET: SocketRule = SocketRule {
     families: &[libc::AF_NETLINK],
     kind: None,
