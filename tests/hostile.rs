@@ -996,6 +996,132 @@ fn an_operator_allowed_socket_takes_any_family() {
     run_cases(&mut c, &mut w, cases);
 }
 
+/// Python that opens socketpairs until its fd limit, then writes into both
+/// ends of each until the kernel refuses more (`%RAISE%`: after asking for the
+/// largest send buffer) or `%TARGET%` bytes are held, and prints how many
+/// sockets it made and the kernel memory their queues hold (SIOCOUTQ: the
+/// truesize of data sent and not yet read).
+const FILL_SOCKETPAIRS: &str = r#"import fcntl, os, socket, struct
+pairs = []
+try:
+    while True:
+        pairs.append(socket.socketpair())
+except OSError:
+    pass
+socks = [s for p in pairs for s in p]
+chunk = b'x' * 65536
+held = 0
+for s in socks:
+    if %RAISE%:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 30)
+    s.setblocking(False)
+    while held < %TARGET%:
+        try:
+            os.write(s.fileno(), chunk)
+        except BlockingIOError:
+            break
+    held = sum(struct.unpack('i', fcntl.ioctl(t.fileno(), 0x5411, b'\0' * 4))[0] for t in socks)
+print(len(socks), held)
+"#;
+
+fn fill_socketpairs(name: &'static str, target: u64, raise: bool, expect: Expect) -> Case {
+    let code = FILL_SOCKETPAIRS
+        .replace("%TARGET%", &target.to_string())
+        .replace("%RAISE%", if raise { "True" } else { "False" });
+    python(name, code, expect).timeout(20_000)
+}
+
+/// The sockets and bytes a fill job printed.
+fn filled(r: &Value) -> Result<(u64, u64), String> {
+    expect_status(r, "ok")?;
+    let nums: Vec<u64> = s(&r["stdout"])
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match nums[..] {
+        [sockets, held] => Ok((sockets, held)),
+        _ => Err("expected two numbers".into()),
+    }
+}
+
+/// Every socketpair the fd limit allows, filled with the default send
+/// buffers: the kernel's own cap, sockets x 1.5 x net.core.wmem_default (a
+/// buffer may overshoot by one message), holds, and the figure is large
+/// enough that a 32 MiB job could not hold it besides the interpreter.
+fn all_pairs_within_the_kernel_cap(r: &Value) -> Result<(), String> {
+    let (sockets, held) = filled(r)?;
+    let wmem_default: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_default")
+        .map_err(|e| e.to_string())?
+        .trim()
+        .parse()
+        .map_err(|_| "wmem_default is not a number".to_owned())?;
+    if !(200..=252).contains(&sockets) {
+        return Err(format!(
+            "expected up to 252 sockets (RLIMIT_NOFILE 256), got {sockets}"
+        ));
+    }
+    let cap = sockets * wmem_default * 3 / 2;
+    if held > cap || held < 40 << 20 {
+        return Err(format!(
+            "expected between 40 MiB and {cap} bytes held, got {held}"
+        ));
+    }
+    Ok(())
+}
+
+fn sixteen_mib_held(r: &Value) -> Result<(), String> {
+    let (_, held) = filled(r)?;
+    if held < 16 << 20 {
+        return Err(format!("expected at least 16 MiB held, got {held}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn socket_buffers_count_against_the_memory_limit() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("hostile-sockbuf");
+    let mut w = Worker::start(&p, &["--concurrency", "1", "--allow-network", "true"]);
+    let everything = u64::MAX;
+    let cases = vec![
+        // Unix socket buffers are kernel memory charged to the job's memory
+        // cgroup: with them the job passes its limit though its own heap is
+        // a few MiB, and the cgroup ends it.
+        fill_socketpairs(
+            "fill socketpairs in 32 MiB",
+            everything,
+            false,
+            Expect::MemoryLimit,
+        )
+        .memory(32),
+        fill_socketpairs(
+            "16 MiB of socket buffers fit in 32 MiB",
+            16 << 20,
+            false,
+            Expect::Custom(sixteen_mib_held),
+        )
+        .memory(32),
+        fill_socketpairs(
+            "every socketpair filled, in 128 MiB",
+            everything,
+            false,
+            Expect::Custom(all_pairs_within_the_kernel_cap),
+        )
+        .memory(128),
+        // With network, setsockopt raises each buffer to 2 x wmem_max (at
+        // least 416 KiB): 252 of them pass 64 MiB on any host, and are charged.
+        fill_socketpairs(
+            "raised send buffers in 64 MiB",
+            everything,
+            true,
+            Expect::MemoryLimit,
+        )
+        .memory(64)
+        .network(),
+    ];
+    run_cases(&mut c, &mut w, cases);
+}
+
 #[test]
 fn stdin_and_output_edge_cases() {
     let Some(mut c) = redis() else { return };
