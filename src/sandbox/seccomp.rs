@@ -9,6 +9,9 @@
 //! Actions, in one place:
 //! - listed calls: allow;
 //! - `clone`: allowed only with `CLONE_THREAD` set (threads yes, fork no);
+//! - `socket`/`socketpair`: answered by family, type and protocol as their
+//!   [`allowlist::SocketRule`]s say; a call no rule matches is a violation,
+//!   reported with its arguments ([`describe_call`]);
 //! - `clone3`, `io_uring_*` and the other quiet denials: an errno, because the
 //!   runtimes probe them and fall back;
 //! - everything else, `execve`/`execveat` included: a user notification to the
