@@ -770,9 +770,10 @@ fn nodejs_network_job_cannot_reach_host_redis() {
 
 /// Node's clients, each printing one line: names through `dns.lookup` with
 /// `ADDRCONFIG`, as `net` and `http` look names up (glibc's netlink probe
-/// for it is refused quietly),
-/// TCP through the relay by `net` and `http`, `fetch` and `https` (which
-/// ignore the proxy variables and find nothing listening), UDP by `dgram`.
+/// for it is refused quietly), TCP through the relay by `net` and `http`
+/// (by name), `fetch` and `https` (which ignore the proxy variables and find
+/// nothing listening; by address, so that no happy-eyeballs timing decides
+/// which error comes back), UDP by `dgram`.
 const NODE_CLIENTS: &str = r#"const dns = require('dns'), net = require('net'), http = require('http'), https = require('https'), dgram = require('dgram');
 const step = (f) => new Promise(f);
 (async () => {
@@ -780,12 +781,13 @@ const step = (f) => new Promise(f);
   if (process.env.http_proxy === undefined) return;
   console.log('net', await step((ok) => {
     const s = net.connect(3128, 'localhost', () => s.write('GET http://10.0.0.1/ HTTP/1.0\r\n\r\n'));
-    s.once('data', (d) => { ok(String(d).split(' ')[1]); s.destroy(); });
+    let head = '';
+    s.on('data', (d) => { head += d; if (head.includes('\r\n')) { ok(head.split(' ')[1]); s.destroy(); } });
     s.on('error', (e) => ok(e.code));
   }));
   console.log('http', await step((ok) => http.get({host: 'localhost', port: 3128, path: 'http://10.0.0.1/'}, (r) => { ok(r.statusCode); r.resume(); }).on('error', (e) => ok(e.code))));
-  console.log('fetch', await fetch('http://localhost:3129/').then(() => 'UNREACHED', (e) => e.cause.code));
-  console.log('https', await step((ok) => https.get('https://localhost:3129/', () => ok('UNREACHED')).on('error', (e) => ok(e.code))));
+  console.log('fetch', await fetch('http://127.0.0.1:3129/').then(() => 'UNREACHED', (e) => e.cause.code));
+  console.log('https', await step((ok) => https.get('https://127.0.0.1:3129/', () => ok('UNREACHED')).on('error', (e) => ok(e.code))));
   console.log('udp', await step((ok) => {
     const s = dgram.createSocket('udp4');
     s.on('message', (m) => { s.close(); ok(String(m)); });
