@@ -482,6 +482,15 @@ fn print_profile(language: Language, o: &Outcome) -> ExitCode {
         .map(|n| format!("--allow-syscall {n}"))
         .collect();
     println!("or pass:\n  {}", flags.join(" "));
+    if o.unlisted
+        .iter()
+        .any(|n| n == "socket" || n == "socketpair")
+    {
+        println!(
+            "note: socket and socketpair are allowed for some address families only \
+             (docs/SECURITY.md, \"Sockets\"); allowing them this way allows every family"
+        );
+    }
     ExitCode::from(1)
 }
 

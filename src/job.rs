@@ -327,6 +327,11 @@ fn kind(v: &Value) -> &'static str {
 pub struct Violation {
     pub syscall: String,
     pub number: i64,
+    /// The call with the arguments that were refused, when they, not the
+    /// name, decided it (`socket(AF_VSOCK, SOCK_STREAM, 0)`): for the error
+    /// text only, so `syscall` stays a bounded metric label.
+    #[serde(skip)]
+    pub call: Option<String>,
 }
 
 /// The result JSON pushed to the reply key.

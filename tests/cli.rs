@@ -90,6 +90,21 @@ fn profile_names_the_missing_syscalls_and_the_config_line() {
 }
 
 #[test]
+fn profile_says_socket_is_allowed_by_family() {
+    // Without network no family is allowed; learning mode lets it through.
+    let code = "import socket\nsocket.socket(40, 1, 0)\nprint('made')";
+    let (status, out, err) = sandq(&["profile", "--language", "python3", "--code", code]);
+    assert_eq!(status, 1, "{out}{err}");
+    assert!(out.contains("status: ok, exit code 0"), "{out}");
+    assert!(out.contains("  socket\n"), "{out}");
+    assert!(
+        out.contains("allowed for some address families only")
+            && out.contains("allows every family"),
+        "{out}"
+    );
+}
+
+#[test]
 fn allow_syscall_adds_to_the_defaults() {
     let code = "import os\nos.sched_setaffinity(0, {0})\nprint('pinned')";
     let (status, out, err) = sandq(&["run", "--language", "python3", "--code", code]);

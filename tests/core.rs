@@ -101,7 +101,10 @@ fn network_fork_exec_subprocess_are_stopped() {
     assert_status(&r, "violation");
     assert_eq!(r["violation"]["syscall"], "socket");
     assert_eq!(r["violation"]["number"], 41);
-    assert_eq!(r["error"], "blocked system call: socket");
+    assert_eq!(
+        r["error"],
+        "blocked system call: socket(AF_INET, SOCK_STREAM, 0)"
+    );
 
     for (code, syscall) in [
         ("import os\nos.fork()", "clone"),

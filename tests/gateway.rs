@@ -263,7 +263,10 @@ fn runs_answer_with_the_seed_envelope() {
     let got = gw.run(&json!({"language": "python3", "code": "import socket\nsocket.socket()", "enable_network": true}));
     let (error, stdout) = run_data(&got);
     assert_eq!(stdout, "");
-    assert_eq!(error, "error: blocked system call: socket\n");
+    assert_eq!(
+        error,
+        "error: blocked system call: socket(AF_INET, SOCK_STREAM, 0)\n"
+    );
 
     let got = gw.run(
         &json!({"language": "nodejs", "code": "process.stderr.write('warn\\n'); console.log(1)"}),

@@ -367,7 +367,10 @@ fn pool_python_warm_path_enforces_limits() {
     assert_status(&r, "violation");
     assert_eq!(r["violation"]["syscall"], "socket");
     assert_eq!(r["violation"]["number"], 41);
-    assert_eq!(r["error"], "blocked system call: socket");
+    assert_eq!(
+        r["error"],
+        "blocked system call: socket(AF_INET, SOCK_STREAM, 0)"
+    );
 
     let r = t.warm(json!({
         "language": PY,

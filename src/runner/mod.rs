@@ -636,7 +636,10 @@ fn classify(
     let (status, error) = if let Some(v) = &c.violation {
         (
             Status::Violation,
-            Some(format!("blocked system call: {}", v.syscall)),
+            Some(format!(
+                "blocked system call: {}",
+                v.call.as_deref().unwrap_or(&v.syscall)
+            )),
         )
     } else if c.output_limited {
         (

@@ -19,7 +19,7 @@
 use super::RunError;
 use crate::job::Violation;
 use crate::sandbox::cgroup::{CgroupReport, JobCgroup};
-use crate::sandbox::seccomp::{foreign_syscall_name, syscall_name};
+use crate::sandbox::seccomp::{describe_call, foreign_syscall_name, syscall_name};
 use crate::sandbox::spawn::{decode_error, Spawned};
 use libseccomp::{ScmpArch, ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
@@ -534,9 +534,17 @@ impl Supervisor<'_> {
                                 kill(self.child);
                                 killed = true;
                             }
+                            // For socket calls the family decided: name it
+                            // from the kernel's copy of the arguments.
+                            let call = if native {
+                                describe_call(nr, &req.data.args)
+                            } else {
+                                None
+                            };
                             violation.get_or_insert(Violation {
                                 syscall: name,
                                 number: nr as i64,
+                                call,
                             });
                             let _ = ScmpNotifResp::new_error(
                                 req.id,

@@ -29,6 +29,17 @@
 //! which only the child of a `subprocess`/`child_process` spawn made; `sigaltstack`, never seen.
 //! `clone`, `clone3`, `execve` and `execveat` appear in no table: they have their own rules.
 //!
+//! Sockets are allowed by argument, not by name: `socket` (network jobs only) and `socketpair`
+//! (Python) carry rules on the address family, type and protocol ([`SocketRule`]). Network jobs
+//! get TCP and UDP over IPv4 and IPv6 and unix sockets; jobs without network only the quiet
+//! refusals of [`SOCKET_OFFLINE`]; every other family is a violation whose report names it. The
+//! same traces with `strace -f -e socket,socketpair` showed what the clients open: Python's
+//! `urllib`, `http.client`, `asyncio.open_connection` and `getaddrinfo`, Node's `net`, `http`,
+//! `https`, `fetch`, `dgram` and `dns.lookup` use `AF_INET`/`AF_INET6` with `SOCK_STREAM`
+//! (protocol 0 or `IPPROTO_TCP`) and `SOCK_DGRAM` (0 or `IPPROTO_UDP`), `AF_UNIX` for glibc's
+//! nscd probe, and `AF_NETLINK`/`NETLINK_ROUTE` for `getaddrinfo` with `AI_ADDRCONFIG` (Node's
+//! `dns.lookup`, from its thread pool), which copes with a refusal.
+//!
 //! Known gaps, kept out on purpose:
 //! - Python with `HOME` unset resolves the home directory through `getpwuid()`, and so does
 //!   `pwd.getpwuid`/`getpass.getuser()`/Node's `os.userInfo()`: glibc first probes nscd with
@@ -45,11 +56,113 @@ pub struct Entry {
     pub name: &'static str,
     /// One line: what needs it.
     pub why: &'static str,
+    /// Empty: allowed with any arguments. Otherwise only the socket
+    /// arguments these rules list are answered; any other call is a violation.
+    pub only: &'static [SocketRule],
 }
 
 const fn allow(name: &'static str, why: &'static str) -> Entry {
-    Entry { name, why }
+    Entry {
+        name,
+        why,
+        only: &[],
+    }
 }
+
+/// `socket`/`socketpair`, allowed only with the arguments `only` lists.
+const fn allow_only(name: &'static str, why: &'static str, only: &'static [SocketRule]) -> Entry {
+    Entry { name, why, only }
+}
+
+/// How a `socket` or `socketpair` call with these arguments is answered.
+///
+/// The arguments are plain integers, copied by the kernel when the call is
+/// made, so the filter sees exactly what the kernel would act on.
+pub struct SocketRule {
+    /// Address families (argument 0), each answered alike.
+    pub families: &'static [i32],
+    /// The socket type (argument 1, with `SOCK_NONBLOCK`/`SOCK_CLOEXEC`
+    /// masked off, as the kernel does), or any.
+    pub kind: Option<i32>,
+    /// The protocols (argument 2); empty for any.
+    pub protocols: &'static [i32],
+    /// `None`: allowed; `Some(errno)`: refused quietly with it.
+    pub errno: Option<i32>,
+    /// One line: what needs it.
+    pub why: &'static str,
+}
+
+/// The socket types a `kind` is compared on: the kernel ignores the flag bits above.
+pub const SOCK_TYPE_MASK: u64 = 0xf;
+
+/// glibc's `getaddrinfo` with `AI_ADDRCONFIG` (Node's `net.connect`,
+/// `http.get` and `fetch` by name) asks the kernel which address families
+/// have interfaces with a `NETLINK_ROUTE` socket. Refused, glibc assumes both
+/// IPv4 and IPv6 (`__check_pf`) and the lookup goes on; allowed, it would see
+/// only the job's loopback, which does not count, and `localhost` with
+/// `AF_INET` would not resolve at all. Listing interfaces
+/// (`os.networkInterfaces()`, `socket.if_nameindex()`) fails with the errno.
+const NETLINK_ROUTE_QUIET: SocketRule = SocketRule {
+    families: &[libc::AF_NETLINK],
+    kind: None,
+    protocols: &[libc::NETLINK_ROUTE],
+    errno: Some(libc::EAFNOSUPPORT),
+    why: "getaddrinfo with AI_ADDRCONFIG lists interfaces; refused, glibc assumes IPv4 and IPv6",
+};
+
+/// `socket` for jobs with network: TCP and UDP over IPv4 and IPv6, and
+/// unix-domain sockets. Every other family (`AF_VSOCK` reaches the
+/// hypervisor past the namespace, `AF_PACKET`, `AF_ALG`, `AF_KEY`,
+/// `AF_XDP`, other netlink protocols, ...), raw and packet sockets,
+/// and any other protocol (`IPPROTO_MPTCP`, SCTP, ICMP "ping" sockets) is a
+/// violation: each is kernel code no client here needs, and a family whose
+/// module is not loaded would have the kernel load it.
+pub const SOCKET_NETWORK: &[SocketRule] = &[
+    SocketRule {
+        families: &[libc::AF_UNIX],
+        kind: None,
+        protocols: &[],
+        errno: None,
+        why: "glibc probes nscd before hosts and passwd lookups (connect then finds no socket in the root)",
+    },
+    SocketRule {
+        families: &[libc::AF_INET, libc::AF_INET6],
+        kind: Some(libc::SOCK_STREAM),
+        protocols: &[0, libc::IPPROTO_TCP],
+        errno: None,
+        why: "TCP clients (0 from libuv and socket.socket(), IPPROTO_TCP from create_connection)",
+    },
+    SocketRule {
+        families: &[libc::AF_INET, libc::AF_INET6],
+        kind: Some(libc::SOCK_DGRAM),
+        protocols: &[0, libc::IPPROTO_UDP],
+        errno: None,
+        why: "UDP: glibc's resolver, c-ares, dgram, socket.SOCK_DGRAM",
+    },
+    NETLINK_ROUTE_QUIET,
+];
+
+/// `socket` for jobs without network: nothing is allowed; these two are
+/// refused quietly, anything else is a violation.
+pub const SOCKET_OFFLINE: &[SocketRule] = &[
+    SocketRule {
+        families: &[libc::AF_UNIX],
+        kind: None,
+        protocols: &[],
+        errno: Some(libc::EACCES),
+        why: "glibc probes nscd on passwd and hosts lookups (getpwuid, os.userInfo, gethostbyname) and falls back to the files",
+    },
+    NETLINK_ROUTE_QUIET,
+];
+
+/// `socketpair`: unix-domain pairs only (`AF_TIPC` also makes pairs).
+const SOCKETPAIR_UNIX: &[SocketRule] = &[SocketRule {
+    families: &[libc::AF_UNIX],
+    kind: None,
+    protocols: &[],
+    errno: None,
+    why: "a connected pair of the job's own; reaches nothing outside",
+}];
 
 /// Needed by every interpreter: loader, memory, files in the runtime root, time, signals, threads' futexes.
 pub const COMMON: &[Entry] = &[
@@ -265,9 +378,10 @@ pub const PYTHON: &[Entry] = &[
         "sendfile",
         "shutil.copyfile's in-kernel copy between two files",
     ),
-    allow(
+    allow_only(
         "socketpair",
         "asyncio's self-pipe; a connected pair, reaches nothing outside",
+        SOCKETPAIR_UNIX,
     ),
     allow("truncate", "os.truncate on a path"),
     allow("unlinkat", "shutil.rmtree and TemporaryDirectory cleanup"),
@@ -335,7 +449,11 @@ pub const NETWORK: &[Entry] = &[
     allow("sendto", "socket.send/sendto, c-ares queries"),
     allow("setsockopt", "TCP_NODELAY and keep-alive on client sockets"),
     allow("shutdown", "Node's socket.end() half-closes the connection"),
-    allow("socket", "creating TCP and UDP sockets"),
+    allow_only(
+        "socket",
+        "creating TCP and UDP sockets, by family, type and protocol",
+        SOCKET_NETWORK,
+    ),
 ];
 
 /// Calls the interpreters probe and cope without: answered with this errno instead of killing the job.

@@ -9,6 +9,9 @@
 //! Actions, in one place:
 //! - listed calls: allow;
 //! - `clone`: allowed only with `CLONE_THREAD` set (threads yes, fork no);
+//! - `socket`/`socketpair`: answered by family, type and protocol as their
+//!   [`allowlist::SocketRule`]s say; a call no rule matches is a violation,
+//!   reported with its arguments ([`describe_call`]);
 //! - `clone3`, `io_uring_*` and the other quiet denials: an errno, because the
 //!   runtimes probe them and fall back;
 //! - everything else, `execve`/`execveat` included: a user notification to the
@@ -18,7 +21,7 @@
 //!   through. In learning mode the supervisor lets them through and records
 //!   them instead.
 
-use super::allowlist::{self, Entry};
+use super::allowlist::{self, Entry, SocketRule};
 use crate::job::Language;
 use libseccomp::{
     ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
@@ -82,17 +85,21 @@ impl Filters {
     }
 }
 
-/// The allowlist for a profile, as names (for `profile` output and tests).
-pub fn allowed_names(language: Language, network: bool) -> impl Iterator<Item = &'static str> {
+/// The allowlist entries of a profile.
+fn entries(language: Language, network: bool) -> impl Iterator<Item = &'static Entry> {
     let lang: &[Entry] = match language {
         Language::Python3 => allowlist::PYTHON,
         Language::Nodejs => allowlist::NODEJS,
     };
     let net: &[Entry] = if network { allowlist::NETWORK } else { &[] };
-    allowlist::COMMON
-        .iter()
-        .chain(lang)
-        .chain(net)
+    allowlist::COMMON.iter().chain(lang).chain(net)
+}
+
+/// The allowlist for a profile, as names (for `profile` output and tests).
+/// `socket` and `socketpair`, when listed, are allowed only with the
+/// arguments their entry names.
+pub fn allowed_names(language: Language, network: bool) -> impl Iterator<Item = &'static str> {
+    entries(language, network)
         .map(|e| e.name)
         // `clone` is allowed too, with its argument checked.
         .chain(std::iter::once("clone"))
@@ -119,13 +126,20 @@ fn compile(language: Language, network: bool, extra: &[String]) -> Result<Filter
     // The child sets no_new_privs itself before loading; libseccomp must not.
     ctx.set_ctl_nnp(false).map_err(build("nnp"))?;
 
+    // An operator's extra call is allowed outright, arguments and all: an
+    // explicit `socket` lifts the family rules below.
+    let operator_allows = |name: &str| extra.iter().any(|e| e == name);
     // `exit_group` is left to the default action: the supervisor gets it as
     // a notification, takes the exit status and resource use there, lets it
     // through and hands the result on without waiting for the kernel to tear
     // the process down (milliseconds for a V8 heap).
-    for name in allowed_names(language, network).filter(|n| !matches!(*n, "clone" | "exit_group")) {
-        ctx.add_rule(ScmpAction::Allow, resolve(name)?)
-            .map_err(build("allow"))?;
+    for entry in entries(language, network).filter(|e| e.name != "exit_group") {
+        if entry.only.is_empty() {
+            ctx.add_rule(ScmpAction::Allow, resolve(entry.name)?)
+                .map_err(build("allow"))?;
+        } else if !operator_allows(entry.name) {
+            add_socket_rules(&mut ctx, entry.name, entry.only)?;
+        }
     }
     for name in extra.iter().filter(|n| *n != "exit_group") {
         ctx.add_rule(ScmpAction::Allow, resolve(name)?)
@@ -138,21 +152,10 @@ fn compile(language: Language, network: bool, extra: &[String]) -> Result<Filter
         ctx.add_rule(ScmpAction::Errno(*errno), resolve(name)?)
             .map_err(build("quiet deny"))?;
     }
-    // Without network, a unix-domain socket gets a quiet EACCES instead of a
-    // violation: glibc probes nscd with one on every passwd lookup (getpwuid,
-    // os.userInfo) and falls back to /etc/passwd, and in the sandbox's root
-    // there is no socket to reach anyway. Any other family is a violation.
-    if !network && !extra.iter().any(|e| e == "socket") {
-        ctx.add_rule_conditional(
-            ScmpAction::Errno(libc::EACCES),
-            resolve("socket")?,
-            &[ScmpArgCompare::new(
-                0,
-                ScmpCompareOp::Equal,
-                libc::AF_UNIX as u64,
-            )],
-        )
-        .map_err(build("socket"))?;
+    // Without network `socket` is not listed, but the probes glibc makes
+    // (nscd, interfaces) get a quiet errno instead of ending the job.
+    if !network && !operator_allows("socket") {
+        add_socket_rules(&mut ctx, "socket", allowlist::SOCKET_OFFLINE)?;
     }
     // Threads, not processes: clone is allowed only with CLONE_THREAD set and
     // no namespace flag (the kernel would refuse those, but say so here).
@@ -195,6 +198,50 @@ fn compile(language: Language, network: bool, extra: &[String]) -> Result<Filter
     Ok(Filter { prog })
 }
 
+/// One conditional rule per (family, protocol) of each socket rule; a call
+/// that matches none goes to the supervisor as a violation.
+fn add_socket_rules(
+    ctx: &mut ScmpFilterContext,
+    name: &str,
+    rules: &[SocketRule],
+) -> Result<(), SeccompError> {
+    let call = resolve(name)?;
+    for rule in rules {
+        let action = match rule.errno {
+            None => ScmpAction::Allow,
+            Some(errno) => ScmpAction::Errno(errno),
+        };
+        // Empty means any protocol: one rule without that comparison.
+        let protocols: Vec<Option<i32>> = if rule.protocols.is_empty() {
+            vec![None]
+        } else {
+            rule.protocols.iter().copied().map(Some).collect()
+        };
+        for &family in rule.families {
+            for &protocol in &protocols {
+                let mut args = vec![ScmpArgCompare::new(0, ScmpCompareOp::Equal, family as u64)];
+                if let Some(kind) = rule.kind {
+                    args.push(ScmpArgCompare::new(
+                        1,
+                        ScmpCompareOp::MaskedEqual(allowlist::SOCK_TYPE_MASK),
+                        kind as u64,
+                    ));
+                }
+                if let Some(protocol) = protocol {
+                    args.push(ScmpArgCompare::new(
+                        2,
+                        ScmpCompareOp::Equal,
+                        protocol as u64,
+                    ));
+                }
+                ctx.add_rule_conditional(action, call, &args)
+                    .map_err(build("socket arguments"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The name of a syscall number on this architecture, for violation reports.
 /// x32 calls arrive under the native audit arch with bit 30 set: `x32:name`.
 pub fn syscall_name(nr: i32) -> String {
@@ -205,6 +252,120 @@ pub fn syscall_name(nr: i32) -> String {
     ScmpSyscall::from(nr)
         .get_name()
         .unwrap_or_else(|_| format!("syscall_{nr}"))
+}
+
+/// Address family names by number (`<linux/socket.h>`), for violation reports.
+const FAMILIES: [&str; 46] = [
+    "AF_UNSPEC",
+    "AF_UNIX",
+    "AF_INET",
+    "AF_AX25",
+    "AF_IPX",
+    "AF_APPLETALK",
+    "AF_NETROM",
+    "AF_BRIDGE",
+    "AF_ATMPVC",
+    "AF_X25",
+    "AF_INET6",
+    "AF_ROSE",
+    "AF_DECnet",
+    "AF_NETBEUI",
+    "AF_SECURITY",
+    "AF_KEY",
+    "AF_NETLINK",
+    "AF_PACKET",
+    "AF_ASH",
+    "AF_ECONET",
+    "AF_ATMSVC",
+    "AF_RDS",
+    "AF_SNA",
+    "AF_IRDA",
+    "AF_PPPOX",
+    "AF_WANPIPE",
+    "AF_LLC",
+    "AF_IB",
+    "AF_MPLS",
+    "AF_CAN",
+    "AF_TIPC",
+    "AF_BLUETOOTH",
+    "AF_IUCV",
+    "AF_RXRPC",
+    "AF_ISDN",
+    "AF_PHONET",
+    "AF_IEEE802154",
+    "AF_CAIF",
+    "AF_ALG",
+    "AF_NFC",
+    "AF_VSOCK",
+    "AF_KCM",
+    "AF_QIPCRTR",
+    "AF_SMC",
+    "AF_XDP",
+    "AF_MCTP",
+];
+
+/// Socket types (`<linux/net.h>`), flags masked off.
+const SOCK_TYPES: &[(i32, &str)] = &[
+    (1, "SOCK_STREAM"),
+    (2, "SOCK_DGRAM"),
+    (3, "SOCK_RAW"),
+    (4, "SOCK_RDM"),
+    (5, "SOCK_SEQPACKET"),
+    (6, "SOCK_DCCP"),
+    (10, "SOCK_PACKET"),
+];
+
+/// The IP protocols worth a name in a report (`<netinet/in.h>`).
+const INET_PROTOCOLS: &[(i32, &str)] = &[
+    (libc::IPPROTO_ICMP, "IPPROTO_ICMP"),
+    (libc::IPPROTO_TCP, "IPPROTO_TCP"),
+    (libc::IPPROTO_UDP, "IPPROTO_UDP"),
+    (libc::IPPROTO_ICMPV6, "IPPROTO_ICMPV6"),
+    (libc::IPPROTO_SCTP, "IPPROTO_SCTP"),
+    (libc::IPPROTO_UDPLITE, "IPPROTO_UDPLITE"),
+    (libc::IPPROTO_RAW, "IPPROTO_RAW"),
+    (libc::IPPROTO_MPTCP, "IPPROTO_MPTCP"),
+];
+
+fn named(table: &[(i32, &str)], value: i32) -> Option<String> {
+    table
+        .iter()
+        .find(|(v, _)| *v == value)
+        .map(|(_, name)| (*name).to_owned())
+}
+
+/// A `socket` or `socketpair` call spelled with its family, type and
+/// protocol, for the error of its violation: `socket(AF_VSOCK, SOCK_STREAM, 0)`.
+/// `None` for any other call, whose name says it all.
+///
+/// The arguments are the kernel's copy, taken when the call was made: plain
+/// integers, so what is named here is what the kernel would have acted on,
+/// however the job's memory changes while it is parked.
+pub fn describe_call(nr: i32, args: &[u64; 6]) -> Option<String> {
+    let call = match i64::from(nr) {
+        libc::SYS_socket => "socket",
+        libc::SYS_socketpair => "socketpair",
+        _ => return None,
+    };
+    // The filter compares all 64 bits: a value with high bits set matched
+    // no rule, whatever its low half says, so it is shown whole.
+    if let Some(wide) = args[..3].iter().find(|a| **a > u64::from(u32::MAX)) {
+        return Some(format!("{call}(argument {wide:#x})"));
+    }
+    let [family, kind, protocol] = [args[0], args[1], args[2]].map(|a| a as u32 as i32);
+    let family_name = usize::try_from(family)
+        .ok()
+        .and_then(|f| FAMILIES.get(f))
+        .map_or_else(|| format!("family {family}"), |n| (*n).to_owned());
+    let kind_name = named(SOCK_TYPES, kind & allowlist::SOCK_TYPE_MASK as i32)
+        .unwrap_or_else(|| format!("type {kind}"));
+    let inet = family == libc::AF_INET || family == libc::AF_INET6;
+    let protocol_name = named(INET_PROTOCOLS, protocol)
+        .filter(|_| inet)
+        .unwrap_or_else(|| protocol.to_string());
+    Some(format!(
+        "{call}({family_name}, {kind_name}, {protocol_name})"
+    ))
 }
 
 /// The name of a call made through a foreign ABI (e.g. `int 0x80` on x86_64):
@@ -230,6 +391,9 @@ mod tests {
         {
             assert!(resolve(e.name).is_ok(), "{} does not resolve", e.name);
             assert!(!e.why.trim().is_empty(), "{} has no reason", e.name);
+        }
+        for rule in socket_rules() {
+            assert!(!rule.families.is_empty() && !rule.why.trim().is_empty());
         }
         for (name, _, why) in allowlist::QUIET_DENY {
             assert!(resolve(name).is_ok(), "{name} does not resolve");
@@ -271,11 +435,96 @@ mod tests {
         }
     }
 
+    fn socket_rules() -> impl Iterator<Item = &'static SocketRule> {
+        allowlist::COMMON
+            .iter()
+            .chain(allowlist::PYTHON)
+            .chain(allowlist::NODEJS)
+            .chain(allowlist::NETWORK)
+            .flat_map(|e| e.only)
+            .chain(allowlist::SOCKET_OFFLINE)
+    }
+
+    #[test]
+    fn only_inet_and_unix_sockets_are_ever_allowed() {
+        let allowed = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
+        for rule in socket_rules().filter(|r| r.errno.is_none()) {
+            assert!(
+                rule.families.iter().all(|f| allowed.contains(f)),
+                "{}",
+                rule.why
+            );
+            // IPv4 and IPv6 only as TCP or UDP, never raw or another protocol.
+            if rule.families.iter().any(|f| *f != libc::AF_UNIX) {
+                let kind = rule.kind.expect("an IP rule names its socket type");
+                assert!([libc::SOCK_STREAM, libc::SOCK_DGRAM].contains(&kind));
+                assert!(!rule.protocols.is_empty(), "{}", rule.why);
+                for p in rule.protocols {
+                    assert!([0, libc::IPPROTO_TCP, libc::IPPROTO_UDP].contains(p));
+                }
+            }
+        }
+        // Without network nothing is allowed, only refused quietly.
+        assert!(allowlist::SOCKET_OFFLINE.iter().all(|r| r.errno.is_some()));
+        // Every `socket`/`socketpair` entry checks its arguments.
+        for e in allowlist::COMMON
+            .iter()
+            .chain(allowlist::PYTHON)
+            .chain(allowlist::NODEJS)
+            .chain(allowlist::NETWORK)
+            .filter(|e| e.name.starts_with("socket"))
+        {
+            assert!(!e.only.is_empty(), "{} allowed with any family", e.name);
+        }
+    }
+
     #[test]
     fn filters_compile() {
         let filters = Filters::compile(&["uname".to_owned()]).unwrap();
         assert!(filters.get(Language::Python3, false).instructions() > 10);
         assert!(Filters::compile(&["no_such_call".to_owned()]).is_err());
+        // The operator's `socket` replaces the family rules instead of clashing.
+        let open = Filters::compile(&["socket".to_owned(), "socketpair".to_owned()]).unwrap();
+        assert!(
+            open.get(Language::Python3, true).instructions()
+                < filters.get(Language::Python3, true).instructions()
+        );
+    }
+
+    #[test]
+    fn socket_calls_are_spelled_with_their_arguments() {
+        let call = |nr: i64, a: [u64; 3]| describe_call(nr as i32, &[a[0], a[1], a[2], 0, 0, 0]);
+        let nonblock_cloexec = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+        assert_eq!(
+            call(libc::SYS_socket, [40, 1 | nonblock_cloexec, 0]).unwrap(),
+            "socket(AF_VSOCK, SOCK_STREAM, 0)"
+        );
+        assert_eq!(
+            call(libc::SYS_socket, [2, 1, 262]).unwrap(),
+            "socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP)"
+        );
+        assert_eq!(
+            call(libc::SYS_socket, [10, 3, 58]).unwrap(),
+            "socket(AF_INET6, SOCK_RAW, IPPROTO_ICMPV6)"
+        );
+        // Protocol numbers are named for IP families only.
+        assert_eq!(
+            call(libc::SYS_socket, [16, 3, 6]).unwrap(),
+            "socket(AF_NETLINK, SOCK_RAW, 6)"
+        );
+        assert_eq!(
+            call(libc::SYS_socketpair, [30, 2, 0]).unwrap(),
+            "socketpair(AF_TIPC, SOCK_DGRAM, 0)"
+        );
+        assert_eq!(
+            call(libc::SYS_socket, [99, 9, 0]).unwrap(),
+            "socket(family 99, type 9, 0)"
+        );
+        assert_eq!(
+            call(libc::SYS_socket, [u64::MAX, 1, 0]).unwrap(),
+            "socket(argument 0xffffffffffffffff)"
+        );
+        assert_eq!(call(libc::SYS_getpid, [40, 1, 0]), None);
     }
 
     #[test]
