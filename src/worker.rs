@@ -22,7 +22,6 @@ use crate::runner::pool::Pool;
 use crate::runner::{Finished, Outcome, RunOptions, Runner};
 use crate::sandbox::Sandbox;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -317,21 +316,19 @@ pub async fn run(
 }
 
 fn redis_down(shared: &Shared, e: &QueueError) {
-    let was_up = shared.readiness.redis.swap(false, Ordering::Relaxed);
     shared.metrics.redis_error(e.op());
-    if let Ok(mut last) = shared.readiness.last_redis_error.lock() {
-        *last = Some(e.to_string());
-    }
-    if was_up {
-        error!(error = %e, "Redis unreachable; retrying with backoff");
+    if shared.readiness.redis_failed(&e.to_string()) {
+        error!(error = %e, "Redis failing: not ready; retrying with backoff");
     } else {
-        debug!(error = %e, "Redis still unreachable");
+        debug!(error = %e, "Redis still failing");
     }
 }
 
 fn redis_up(shared: &Shared) {
-    if !shared.readiness.redis.swap(true, Ordering::Relaxed) {
-        info!("Redis reachable");
+    // Ready only once Redis has answered for a while without a failure (see
+    // `Readiness`), so this logs once per recovery, not at every success.
+    if shared.readiness.redis_succeeded() {
+        info!("Redis answering: ready");
     }
 }
 
