@@ -289,10 +289,11 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
-        let draining = (shutdown.clone(), readiness.clone());
+        // Not ready from the signal on: no new job is taken.
+        let (signalled, r) = (shutdown.clone(), readiness.clone());
         tokio::spawn(async move {
-            draining.0.cancelled().await;
-            draining.1.draining();
+            signalled.cancelled().await;
+            r.draining();
         });
         // The endpoint outlives the drain (its own token): /readyz says
         // draining meanwhile, and what the drain counts can still be scraped.

@@ -379,15 +379,15 @@ impl Metrics {
     /// jobs handed back) would otherwise never reach Prometheus. Returns at
     /// once when nothing was recorded since the last scrape.
     pub async fn linger(&self, max: Duration) {
+        if max.is_zero() {
+            return;
+        }
         let (generation, families) = self
             .unscraped
             .lock()
             .map(|u| (u.generation, u.families.iter().copied().collect::<Vec<_>>()))
             .unwrap_or_default();
         let mut scraped = self.scraped.subscribe();
-        if max.is_zero() {
-            return;
-        }
         if *scraped.borrow() >= generation {
             tracing::info!("nothing recorded since the last scrape; not lingering");
             return;

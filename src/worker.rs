@@ -328,7 +328,7 @@ fn redis_up(shared: &Shared) {
     // Ready only once Redis has answered for a while without a failure (see
     // `Readiness`), so this logs once per recovery, not at every success.
     if shared.readiness.redis_succeeded() {
-        info!("Redis answering: ready");
+        info!("Redis answering");
     }
 }
 

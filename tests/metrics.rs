@@ -586,7 +586,8 @@ fn dashboard_and_alerts_use_only_exported_metrics() {
         assert_promtool_ok("a fresh worker's /metrics", &out, &fresh.text);
     }
     // Every Redis operation has its error series at 0 from the start (the
-    // dashboard's "Redis errors" panel takes its rate).
+    // dashboard's "Redis errors" panel takes its rate); the three named ones
+    // whatever becomes of OPS.
     for op in sandq::queue::OPS
         .iter()
         .chain(&["fetch", "heartbeat", "complete"])
@@ -601,7 +602,66 @@ fn dashboard_and_alerts_use_only_exported_metrics() {
         &py(&mut c, &p, "import socket; socket.socket()"),
         "violation",
     );
-    check(&scrape(port), &[]);
+    let after = scrape(port);
+    check(&after, &[]);
+    // README.md's metric table lists exactly the families a worker exports
+    // (all of them, now that a violation gave the last one its first series).
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut listed = BTreeSet::new();
+    for row in readme.lines().filter(|l| l.starts_with("| `sandq_")) {
+        let first_cell = row.split('|').nth(1).unwrap_or_default();
+        metric_names(&first_cell.replace('`', " "), &mut listed);
+    }
+    let exported: BTreeSet<String> = after
+        .types
+        .keys()
+        .filter(|n| n.starts_with("sandq_"))
+        .cloned()
+        .collect();
+    assert_eq!(listed, exported, "README.md's metric table");
+}
+
+/// Milliseconds of a Prometheus duration such as `5s`, `500ms` or `1m`.
+fn duration_ms(d: &str) -> u64 {
+    let (n, unit) = d.split_at(d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len()));
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("duration {d:?}"));
+    match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        _ => panic!("duration {d:?}"),
+    }
+}
+
+#[test]
+fn the_default_linger_outlasts_the_shipped_scrape_interval() {
+    let help = Command::new(BIN)
+        .args(["worker", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let after_flag = &help[help.find("--metrics-linger-ms").expect("the flag")..];
+    let default = after_flag
+        .split("[default: ")
+        .nth(1)
+        .and_then(|d| d.split(']').next())
+        .expect("a default");
+    let linger_ms: u64 = default.parse().unwrap();
+    let prometheus = yaml_file("dashboards/prometheus.yml");
+    let job = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|s| s["job_name"] == "sandq")
+        .expect("a sandq scrape job");
+    let interval = job["scrape_interval"]
+        .as_str()
+        .or(prometheus["global"]["scrape_interval"].as_str())
+        .expect("a scrape interval");
+    assert!(
+        linger_ms > duration_ms(interval),
+        "--metrics-linger-ms {linger_ms} must outlast the {interval} scrape interval"
+    );
 }
 
 // ---------------------------------------------------------------------------
