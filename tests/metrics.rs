@@ -621,6 +621,19 @@ fn dashboard_and_alerts_use_only_exported_metrics() {
     assert_eq!(listed, exported, "README.md's metric table");
 }
 
+/// dashboards/prometheus.yml, and its scrape job for the workers.
+fn shipped_scrape_config() -> (serde_norway::Value, serde_norway::Value) {
+    let prometheus = yaml_file("dashboards/prometheus.yml");
+    let job = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|s| s["job_name"] == "sandq")
+        .expect("a sandq scrape job")
+        .clone();
+    (prometheus, job)
+}
+
 /// Milliseconds of a Prometheus duration such as `5s`, `500ms` or `1m`.
 fn duration_ms(d: &str) -> u64 {
     let (n, unit) = d.split_at(d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len()));
@@ -647,13 +660,7 @@ fn the_default_linger_outlasts_the_shipped_scrape_interval() {
         .and_then(|d| d.split(']').next())
         .expect("a default");
     let linger_ms: u64 = default.parse().unwrap();
-    let prometheus = yaml_file("dashboards/prometheus.yml");
-    let job = prometheus["scrape_configs"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|s| s["job_name"] == "sandq")
-        .expect("a sandq scrape job");
+    let (prometheus, job) = shipped_scrape_config();
     let interval = job["scrape_interval"]
         .as_str()
         .or(prometheus["global"]["scrape_interval"].as_str())
@@ -743,13 +750,7 @@ fn compose_file_is_consistent() {
         .and_then(|i| cmd.get(i + 1))
         .expect("the worker serves /metrics");
     let port = metrics_addr.rsplit(':').next().unwrap();
-    let prometheus = yaml_file("dashboards/prometheus.yml");
-    let scrape = prometheus["scrape_configs"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|s| s["job_name"] == "sandq")
-        .expect("a sandq scrape job");
+    let (prometheus, scrape) = shipped_scrape_config();
     let sd = &scrape["dns_sd_configs"][0];
     assert_eq!(
         sd["port"].as_u64().map(|p| p.to_string()).as_deref(),
