@@ -8,7 +8,6 @@ use crate::runner::{Outcome, RunOptions, Runner};
 use crate::sandbox::{rootfs, Sandbox, SandboxError};
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -278,13 +277,15 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     };
 
     let pool = Arc::new(start_pool(&cfg, &sandbox));
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(Duration::from_millis(
+        cfg.settings.limits.max_timeout_ms,
+    )));
     for layer in &sandbox.layers.0 {
         metrics.layer(layer.name, layer.status.is_ok());
     }
-    let readiness = Arc::new(Readiness::default());
-    readiness.root.store(true, Ordering::Relaxed);
-    readiness.self_test.store(true, Ordering::Relaxed);
+    let readiness = Arc::new(Readiness::new(&metrics));
+    // The runtime root is prepared and the self-test passed (above).
+    readiness.sandbox_ready();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -294,14 +295,24 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
-        if let Some(addr) = cfg.metrics_addr.clone() {
-            let (m, r, s) = (metrics.clone(), readiness.clone(), shutdown.clone());
+        // Not ready from the signal on: no new job is taken.
+        let (signalled, r) = (shutdown.clone(), readiness.clone());
+        tokio::spawn(async move {
+            signalled.cancelled().await;
+            r.draining();
+        });
+        // The endpoint outlives the drain (its own token): /readyz says
+        // draining meanwhile, and what the drain counts can still be scraped.
+        let stop_serving = CancellationToken::new();
+        let server = cfg.metrics_addr.clone().map(|addr| {
+            let (m, r, s) = (metrics.clone(), readiness.clone(), stop_serving.clone());
             tokio::spawn(async move {
                 if let Err(e) = crate::metrics::serve(addr.clone(), m, r, s).await {
                     error!(%addr, error = %e, "metrics endpoint failed");
                 }
-            });
-        }
+            })
+        });
+        let linger = Duration::from_millis(cfg.metrics_linger_ms);
         info!(
             startup_ms = started.elapsed().as_millis() as u64,
             "worker started"
@@ -309,7 +320,18 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
         if cfg.demo {
             tokio::spawn(demo(cfg.redis_url.clone(), cfg.prefix.clone()));
         }
-        crate::worker::run(cfg, sandbox, pool, metrics, readiness, shutdown).await
+        let result =
+            crate::worker::run(cfg, sandbox, pool, metrics.clone(), readiness, shutdown).await;
+        if let Some(server) = server {
+            if !server.is_finished() {
+                metrics.linger(linger).await;
+            }
+            stop_serving.cancel();
+            // Graceful: a scrape being answered is finished, idle keep-alive
+            // connections are closed; bounded all the same.
+            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        }
+        result
     });
     drop(embedded);
     result?;

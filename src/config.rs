@@ -162,6 +162,12 @@ pub struct WorkerArgs {
     /// Time running jobs get to finish on SIGTERM [default: 25000]
     #[arg(long, env = "SANDQ_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// After the drain, how long /metrics stays up for a scrape to see the
+    /// final counts, when some were not scraped yet; 0 turns it off (the
+    /// default is the 5 s scrape interval of dashboards/prometheus.yml and a
+    /// margin) [default: 6000]
+    #[arg(long, env = "SANDQ_METRICS_LINGER_MS")]
+    pub metrics_linger_ms: Option<u64>,
     /// Deliveries before a job is dead-lettered [default: 3]
     #[arg(long, env = "SANDQ_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
@@ -318,6 +324,7 @@ pub struct FileConfig {
     pub embedded_redis: Option<bool>,
     pub metrics_addr: Option<String>,
     pub shutdown_grace_ms: Option<u64>,
+    pub metrics_linger_ms: Option<u64>,
     pub max_attempts: Option<u32>,
     pub dead_letter_max: Option<u64>,
     pub heartbeat_ms: Option<u64>,
@@ -499,6 +506,7 @@ pub struct WorkerConfig {
     pub demo: bool,
     pub metrics_addr: Option<String>,
     pub shutdown_grace_ms: u64,
+    pub metrics_linger_ms: u64,
     pub max_attempts: u32,
     /// Most entries `<p>:dead` keeps.
     pub dead_letter_max: u64,
@@ -610,6 +618,10 @@ impl WorkerArgs {
                 .shutdown_grace_ms
                 .or(file.shutdown_grace_ms)
                 .unwrap_or(25_000),
+            metrics_linger_ms: self
+                .metrics_linger_ms
+                .or(file.metrics_linger_ms)
+                .unwrap_or(6_000),
             max_attempts: self.max_attempts.or(file.max_attempts).unwrap_or(3).max(1),
             dead_letter_max,
             heartbeat_ms,

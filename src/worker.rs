@@ -34,7 +34,6 @@ use crate::runner::pool::Pool;
 use crate::runner::{Finished, Outcome, RunOptions, Runner};
 use crate::sandbox::Sandbox;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -81,9 +80,6 @@ struct Shared {
     /// Fired when the drain's grace period is over: Redis calls still being
     /// retried give up (the job stays in the processing list, in Redis).
     abandon: CancellationToken,
-    /// When the last Redis operation failed (or the worker started): dead
-    /// workers are reaped only a heartbeat TTL after it.
-    last_outage: Mutex<Instant>,
     /// Set when another process took this worker's id.
     lost_id: Mutex<Option<String>>,
 }
@@ -243,7 +239,6 @@ pub async fn run(
         running: Arc::new(Semaphore::new(cfg.concurrency)),
         shutdown: shutdown.clone(),
         abandon: CancellationToken::new(),
-        last_outage: Mutex::new(Instant::now()),
         lost_id: Mutex::new(None),
     });
     metrics.slots.set(cfg.concurrency as i64);
@@ -437,24 +432,19 @@ async fn drain(
 }
 
 fn redis_down(shared: &Shared, e: &QueueError) {
-    let was_up = shared.readiness.redis.swap(false, Ordering::Relaxed);
     shared.metrics.redis_error(e.op());
-    if let Ok(mut last) = shared.readiness.last_redis_error.lock() {
-        *last = Some(e.to_string());
-    }
-    if let Ok(mut at) = shared.last_outage.lock() {
-        *at = Instant::now();
-    }
-    if was_up {
-        error!(error = %e, "Redis unreachable; retrying with backoff");
+    if shared.readiness.redis_failed(&e.to_string()) {
+        error!(error = %e, "Redis failing: not ready; retrying with backoff");
     } else {
-        debug!(error = %e, "Redis still unreachable");
+        debug!(error = %e, "Redis still failing");
     }
 }
 
 fn redis_up(shared: &Shared) {
-    if !shared.readiness.redis.swap(true, Ordering::Relaxed) {
-        info!("Redis reachable");
+    // Ready only once Redis has answered for a while without a failure (see
+    // `Readiness`), so this logs once per recovery, not at every success.
+    if shared.readiness.redis_succeeded() {
+        info!("Redis answering");
     }
 }
 
@@ -514,6 +504,7 @@ async fn sleep_or_cancel(d: Duration, token: &CancellationToken) {
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let every = Duration::from_millis(shared.cfg.heartbeat_ms);
     let ttl = Duration::from_millis(shared.cfg.heartbeat_ttl_ms);
+    let started = Instant::now();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -538,12 +529,11 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                 continue;
             }
         }
-        let connected_for = shared
-            .last_outage
-            .lock()
-            .map(|at| at.elapsed())
-            .unwrap_or_default();
-        if connected_for < ttl {
+        let connected_since = shared
+            .readiness
+            .last_redis_failure()
+            .map_or(started, |failed| failed.max(started));
+        if connected_since.elapsed() < ttl {
             continue;
         }
         match shared.queue.reap(ttl).await {

@@ -55,6 +55,24 @@ pub enum QueueError {
     Connection { op: &'static str, message: String },
 }
 
+/// Every name [`QueueError::op`] can return: `sandq_redis_errors_total`
+/// exports a series for each from start-up, so that a first failure shows as
+/// an increase (a unit test below checks this list against the file).
+pub const OPS: &[&str] = &[
+    "connect",
+    "fetch",
+    "begin",
+    "complete",
+    "config",
+    "requeue",
+    "heartbeat",
+    "reap",
+    "deregister",
+    "reconcile",
+    "ping",
+    "depth",
+];
+
 impl QueueError {
     /// The operation that failed, for the errors metric.
     pub fn op(&self) -> &'static str {
@@ -577,5 +595,42 @@ mod tests {
             message: "refused".into(),
         };
         assert!(none.is_outage());
+    }
+
+    /// The string literals right after each of `calls` in `code`.
+    fn names_after<'a>(code: &'a str, calls: &[&str]) -> Vec<&'a str> {
+        let mut found = Vec::new();
+        for call in calls {
+            for (at, _) in code.match_indices(call) {
+                let rest = &code[at + call.len()..];
+                found.push(&rest[..rest.find('"').expect("closing quote")]);
+            }
+        }
+        found
+    }
+
+    /// Every op name this file gives an error (the calls that build one, and
+    /// the arms of `QueueError::op`) is in `OPS`, and nothing else is.
+    #[test]
+    fn every_op_name_is_listed() {
+        let source = include_str!("mod.rs");
+        let code = &source[..source.find("#[cfg(test)]").expect("this module")];
+        let mut found = names_after(code, &["conn(\"", "failed(\"", "redis_err(\""]);
+        let op_fn = &code[code.find("fn op(").expect("QueueError::op")..];
+        let op_fn = &op_fn[..op_fn.find("\n    }\n").expect("end of fn op")];
+        found.extend(names_after(op_fn, &["=> \""]));
+        for name in &found {
+            assert!(OPS.contains(name), "op {name:?} is not in OPS");
+        }
+        for name in OPS {
+            assert!(
+                found.contains(name),
+                "OPS lists {name:?}, which no error uses"
+            );
+        }
+        let mut unique = OPS.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), OPS.len(), "OPS lists a name twice");
     }
 }

@@ -89,6 +89,9 @@ impl Worker {
             .args(args)
             .env("SANDQ_LOG", "info")
             .env_remove("SANDQ_CONFIG")
+            // No wait for a last scrape at exit (the drop below allows 5 s);
+            // a test of the linger passes --metrics-linger-ms, which wins.
+            .env("SANDQ_METRICS_LINGER_MS", "0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start sandq worker");
