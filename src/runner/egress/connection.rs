@@ -22,7 +22,7 @@
 //! this module parsed and checked.
 
 use super::authority::{Authority, Host};
-use super::policy::{Denied, EgressPolicy};
+use super::policy::{reaches, Denied, EgressPolicy};
 use super::{Slot, MAX_CONNECTIONS};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -38,6 +38,7 @@ const MAX_RESPONSE_HEADERS: usize = 128;
 /// For the whole request head, not per read.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_ATTEMPTS: usize = 3;
 /// For the upstream proxy's answer to CONNECT (it connects meanwhile).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a refused connection is read (and dropped) after the answer,
@@ -186,8 +187,13 @@ fn route(slot: &Slot, client: &TcpStream) -> Result<Option<Route>, Refusal> {
     let _ = client.set_read_timeout(None);
     let leftover = buf.split_off(len);
     let request = Request::parse(&buf)?;
-    let addrs = resolve_checked(slot.policy(), request.authority())?;
-    let (server, dest) = connect(slot.policy(), request.authority(), &addrs)?;
+    let proxy = upstream_addrs(slot.policy())?;
+    let addrs = resolve_checked(
+        slot.policy(),
+        request.authority(),
+        proxy.as_deref().unwrap_or_default(),
+    )?;
+    let (server, dest) = connect(request.authority(), &addrs, proxy.as_deref())?;
     let server = Arc::new(server);
     if !slot.adopt(&server) {
         // The job ended meanwhile.
@@ -203,9 +209,29 @@ fn route(slot: &Slot, client: &TcpStream) -> Result<Option<Route>, Refusal> {
     }))
 }
 
+fn upstream_addrs(policy: &EgressPolicy) -> Result<Option<Vec<SocketAddr>>, Refusal> {
+    let Some(proxy) = &policy.upstream else {
+        return Ok(None);
+    };
+    let addrs: Vec<SocketAddr> = proxy
+        .to_socket_addrs()
+        .map_err(|e| Refusal::Unreachable("the upstream proxy".into(), e))?
+        .collect();
+    if addrs.is_empty() {
+        let e = io::ErrorKind::NotFound.into();
+        return Err(Refusal::Unreachable("the upstream proxy".into(), e));
+    }
+    Ok(Some(addrs))
+}
+
 /// Resolve on the worker and check every address: one forbidden address
-/// refuses the name (the resolver's order is not the job's to choose).
-fn resolve_checked(policy: &EgressPolicy, a: &Authority) -> Result<Vec<SocketAddr>, Refusal> {
+/// refuses the name (the resolver's order is not the job's to choose). The
+/// upstream proxy itself is no destination.
+fn resolve_checked(
+    policy: &EgressPolicy,
+    a: &Authority,
+    proxy: &[SocketAddr],
+) -> Result<Vec<SocketAddr>, Refusal> {
     let addrs: Vec<SocketAddr> = match &a.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, a.port)],
         Host::Name(name) => (name.as_str(), a.port)
@@ -217,39 +243,37 @@ fn resolve_checked(policy: &EgressPolicy, a: &Authority) -> Result<Vec<SocketAdd
         return Err(Refusal::Unresolved(a.to_string()));
     }
     for addr in &addrs {
-        policy
-            .check(*addr)
-            .map_err(|denied| Refusal::Forbidden(a.to_string(), denied))?;
+        let checked = match proxy.iter().any(|p| reaches(*addr, *p)) {
+            true => Err(Denied::UpstreamProxy(*addr)),
+            false => policy.check(*addr),
+        };
+        checked.map_err(|denied| Refusal::Forbidden(a.to_string(), denied))?;
     }
     Ok(addrs)
 }
 
-/// Connect to the first checked address that answers, or to the upstream
-/// proxy (which is then told the first checked address).
+/// Connect to the first checked address that answers or, with an upstream
+/// proxy, to the proxy (which is then told the first checked address). A
+/// few addresses at most: each may take the whole connect timeout.
 fn connect(
-    policy: &EgressPolicy,
     a: &Authority,
     addrs: &[SocketAddr],
+    proxy: Option<&[SocketAddr]>,
 ) -> Result<(TcpStream, SocketAddr), Refusal> {
-    if let Some(proxy) = &policy.upstream {
-        let unreachable = |e| Refusal::Unreachable("the upstream proxy".into(), e);
-        let proxy_addr = proxy
-            .to_socket_addrs()
-            .map_err(unreachable)?
-            .next()
-            .ok_or_else(|| unreachable(io::ErrorKind::NotFound.into()))?;
-        let stream =
-            TcpStream::connect_timeout(&proxy_addr, CONNECT_TIMEOUT).map_err(unreachable)?;
-        return Ok((stream, addrs[0]));
-    }
+    let targets = proxy.unwrap_or(addrs);
     let mut last = io::Error::from(io::ErrorKind::NotFound);
-    for addr in addrs {
-        match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
-            Ok(stream) => return Ok((stream, *addr)),
+    for target in targets.iter().take(CONNECT_ATTEMPTS) {
+        match TcpStream::connect_timeout(target, CONNECT_TIMEOUT) {
+            Ok(stream) if proxy.is_some() => return Ok((stream, addrs[0])),
+            Ok(stream) => return Ok((stream, *target)),
             Err(e) => last = e,
         }
     }
-    Err(Refusal::Unreachable(a.to_string(), last))
+    let named = match proxy {
+        Some(_) => "the upstream proxy".to_owned(),
+        None => a.to_string(),
+    };
+    Err(Refusal::Unreachable(named, last))
 }
 
 impl Route {
@@ -478,14 +502,21 @@ fn read_head(
     parse: impl Fn(&[u8]) -> httparse::Result<usize>,
 ) -> Result<usize, HeadError> {
     let mut scanned = 0;
+    let mut partial = 0;
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(at) = blank_line(&buf[scanned..]) {
             match parse(buf) {
                 Ok(httparse::Status::Complete(len)) => return Ok(len),
-                // Blank lines before a request line are skipped by the
-                // parser; look further.
-                Ok(httparse::Status::Partial) => scanned += at + 1,
+                // Empty lines before a request line are skipped by the
+                // parser (RFC 9112 2.2): look further, a few times.
+                Ok(httparse::Status::Partial) if partial < 4 => {
+                    partial += 1;
+                    scanned += at + 1;
+                }
+                Ok(httparse::Status::Partial) => {
+                    return Err(HeadError::Parse(httparse::Error::NewLine))
+                }
                 Err(e) => return Err(HeadError::Parse(e)),
             }
             continue;
@@ -799,14 +830,35 @@ mod tests {
                 host: Host::Name(numeric.into()),
                 port: 6379,
             };
-            let r = resolve_checked(&p, &a);
+            let r = resolve_checked(&p, &a, &[]);
             assert!(matches!(r, Err(Refusal::Forbidden(..))), "{numeric}: {r:?}");
         }
         let a = Authority::from_connect("no-such-host.invalid:443").unwrap();
         assert!(matches!(
-            resolve_checked(&p, &a),
+            resolve_checked(&p, &a, &[]),
             Err(Refusal::Unresolved(_))
         ));
+    }
+
+    #[test]
+    fn the_upstream_proxy_is_no_destination() {
+        // Even with its range allowed: through a tunnel to itself, the proxy
+        // would take any request unchecked.
+        let p = EgressPolicy {
+            allow: vec![super::super::Cidr::parse("127.0.0.0/8").unwrap()],
+            ..Default::default()
+        };
+        let proxy: SocketAddr = "127.0.0.1:3128".parse().unwrap();
+        for target in ["127.0.0.1:3128", "[::ffff:127.0.0.1]:3128"] {
+            let a = Authority::from_connect(target).unwrap();
+            let r = resolve_checked(&p, &a, &[proxy]);
+            assert!(
+                matches!(r, Err(Refusal::Forbidden(_, Denied::UpstreamProxy(_)))),
+                "{target}: {r:?}"
+            );
+        }
+        let a = Authority::from_connect("127.0.0.1:3129").unwrap();
+        assert!(resolve_checked(&p, &a, &[proxy]).is_ok());
     }
 
     #[test]

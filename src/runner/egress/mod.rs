@@ -44,9 +44,9 @@ use std::time::Duration;
 pub const PROXY_PORT: u16 = 3128;
 /// Relay connections one job may hold open at once.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Stack of a relay thread: a request head is parsed on the heap, but the
-/// resolver (getaddrinfo) wants some room.
-const THREAD_STACK: usize = 256 * 1024;
+/// Stack of a relay thread (std's default is 2 MiB): heads are parsed on
+/// the heap, but the resolver (getaddrinfo, NSS modules) wants some room.
+const THREAD_STACK: usize = 512 * 1024;
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Short: a stopping relay waits for its accept thread.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(100);

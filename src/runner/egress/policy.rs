@@ -58,6 +58,9 @@ pub struct EgressPolicy {
 pub enum Denied {
     #[error("{0} is the worker's own service")]
     OwnService(SocketAddr),
+    /// Through a tunnel to the proxy itself a job could ask it anything.
+    #[error("{0} is the upstream proxy")]
+    UpstreamProxy(SocketAddr),
     #[error("{0} is {1}")]
     Special(IpAddr, &'static str),
     #[error("{0} carries {1}, which is {2}")]
@@ -185,6 +188,21 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether a connection to `addr` would reach the service listening on
+/// `service`: the same port, and the same address in any form (mapped, or
+/// carried in an IPv6 one), or any address when the service listens on all.
+pub fn reaches(addr: SocketAddr, service: SocketAddr) -> bool {
+    let carried = match addr.ip() {
+        IpAddr::V6(v6) => carried_ipv4(v6).map(IpAddr::V4),
+        IpAddr::V4(_) => None,
+    };
+    let service_ip = canonical(service.ip());
+    addr.port() == service.port()
+        && (service_ip.is_unspecified()
+            || canonical(addr.ip()) == service_ip
+            || carried == Some(service_ip))
+}
+
 impl EgressPolicy {
     /// Whether a job may reach `addr`.
     pub fn permits(&self, addr: SocketAddr) -> bool {
@@ -198,17 +216,11 @@ impl EgressPolicy {
             IpAddr::V6(v6) => carried_ipv4(v6),
             IpAddr::V4(_) => None,
         };
-        let forms = [Some(canonical(ip)), carried.map(IpAddr::V4)];
-        let own = |a: IpAddr| {
-            self.deny.iter().any(|d| {
-                d.port() == addr.port() && (d.ip().is_unspecified() || canonical(d.ip()) == a)
-            })
-        };
-        if forms.iter().flatten().any(|a| own(*a)) {
+        if self.deny.iter().any(|d| reaches(addr, *d)) {
             return Err(Denied::OwnService(addr));
         }
         let allowed = |a: IpAddr| self.allow.iter().any(|c| c.contains(a));
-        if allowed(ip) || forms.iter().flatten().any(|a| allowed(*a)) {
+        if allowed(ip) || allowed(canonical(ip)) || carried.is_some_and(|v4| allowed(v4.into())) {
             return Ok(());
         }
         match (ip, carried) {
