@@ -138,6 +138,38 @@ fn settled_fds(pid: u32) -> usize {
     }
 }
 
+/// A worker whose jobs may reach 127.0.0.1 (test servers stand in for the
+/// internet), warmed up with a network job that fetches from `web` and a
+/// plain one, so that its warm pool holds what it will hold after a test;
+/// and the fd count it then settles at.
+fn loopback_worker(
+    c: &mut redis::Connection,
+    p: &str,
+    concurrency: &str,
+    web: u16,
+) -> (Worker, usize) {
+    let w = Worker::start(
+        p,
+        &[
+            "--concurrency",
+            concurrency,
+            "--allow-network",
+            "--egress-allow",
+            "127.0.0.1/32",
+        ],
+    );
+    let r = run_job(
+        c,
+        p,
+        json!({"language": "python3", "code": FETCH, "stdin": format!("http://127.0.0.1:{web}/"), "enable_network": true}),
+    );
+    assert_status(&r, "ok");
+    assert!(!r["stdout"].as_str().unwrap().starts_with("refused"), "{r}");
+    assert_status(&py(c, p, "print(1)"), "ok");
+    let baseline = settled_fds(w.child.as_ref().unwrap().id());
+    (w, baseline)
+}
+
 /// A TCP server on 127.0.0.1 that holds every connection until the peer
 /// closes it.
 fn holding_server() -> u16 {
@@ -229,26 +261,8 @@ fn a_network_job_cannot_exhaust_the_workers_fds() {
     let web = http_server("still served");
     let hold = holding_server();
     let p = prefix("egress-fds");
-    let w = Worker::start(
-        &p,
-        &[
-            "--concurrency",
-            "2",
-            "--allow-network",
-            "--egress-allow",
-            "127.0.0.1/32",
-        ],
-    );
+    let (w, baseline) = loopback_worker(&mut c, &p, "2", web);
     let pid = w.child.as_ref().unwrap().id();
-    // Warm up both kinds of job, so the pool holds what it will hold after.
-    let r = run_job(
-        &mut c,
-        &p,
-        json!({"language": "python3", "code": FETCH, "stdin": format!("http://127.0.0.1:{web}/"), "enable_network": true}),
-    );
-    assert_eq!(r["stdout"], "still served\n", "{r}");
-    assert_status(&py(&mut c, &p, "print(1)"), "ok");
-    let baseline = settled_fds(pid);
 
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
@@ -719,4 +733,99 @@ fn direct_mode_relays_one_request_per_connection() {
         other.received().is_empty(),
         "the second request went nowhere"
     );
+}
+
+/// Lower a running process's open-files limit (soft and hard).
+fn set_nofile(pid: u32, n: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: prlimit(2) on a process of ours, reading `limit` only; no
+    // memory is shared with it.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as i32,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Opens `n` tunnels at once (more than the worker has fds for), reads what
+/// answers come within 3 s, closes them all, then makes one request.
+const STARVE: &str = r#"
+import json, select, socket, sys, time
+cfg = json.loads(sys.stdin.read())
+PROXY = ('127.0.0.1', 3128)
+socks = []
+for _ in range(cfg['n']):
+    s = socket.create_connection(PROXY, timeout=5)
+    s.sendall(b'CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n' % cfg['hold'])
+    socks.append(s)
+by_fd = {s.fileno(): s for s in socks}
+p = select.poll()
+for s in socks:
+    p.register(s, select.POLLIN)
+answers = {}
+deadline = time.time() + 3
+while time.time() < deadline and len(answers) < len(socks):
+    for fd, _ in p.poll(100):
+        p.unregister(fd)
+        answers[fd] = by_fd[fd].recv(100).split(b'\r\n')[0].decode()
+statuses = {}
+for a in answers.values():
+    statuses[a] = statuses.get(a, 0) + 1
+for s in socks:
+    s.close()
+deadline = time.time() + 20
+while True:
+    try:
+        s = socket.create_connection(PROXY, timeout=5)
+        s.sendall(b'GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n' % (cfg['web'], cfg['web']))
+        data = b''
+        while True:
+            c = s.recv(4096)
+            if not c:
+                break
+            data += c
+        s.close()
+    except OSError as e:
+        data = str(e).encode()
+    if data.startswith(b'HTTP/1.1 200') or time.time() > deadline:
+        break
+    time.sleep(0.1)
+print(json.dumps({'statuses': statuses, 'unanswered': len(socks) - len(answers), 'after': data.decode('latin-1').split('\r\n\r\n')[-1]}))
+"#;
+
+#[test]
+fn the_relay_outlasts_the_worker_running_out_of_fds() {
+    let Some(mut c) = redis() else { return };
+    let web = http_server("served again");
+    let hold = holding_server();
+    let p = prefix("egress-emfile");
+    let (w, baseline) = loopback_worker(&mut c, &p, "1", web);
+    let pid = w.child.as_ref().unwrap().id();
+    // Room for about 15 tunnels (two fds each) on top of what it holds.
+    set_nofile(pid, baseline as u64 + 30);
+    let cfg = json!({"n": 60, "hold": hold, "web": web});
+    let r = run_job(
+        &mut c,
+        &p,
+        json!({"language": "python3", "code": STARVE, "stdin": cfg.to_string(),
+               "enable_network": true, "timeout_ms": 60_000}),
+    );
+    assert_status(&r, "ok");
+    let out: Value =
+        serde_json::from_str(r["stdout"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {r}"));
+    eprintln!("worker fds {baseline}, limit {}: {out}", baseline + 30);
+    assert_eq!(out["after"], "served again", "a later request works: {out}");
+    assert!(
+        w.log().contains("egress relay: accept failed; retrying"),
+        "the worker ran out of fds at accept:\n{}",
+        w.log()
+    );
+    assert_status(&py(&mut c, &p, "print(6 * 7)"), "ok");
 }
