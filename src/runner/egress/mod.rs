@@ -171,7 +171,8 @@ impl Relay {
     }
 
     /// Relay connections open now.
-    pub fn open_connections(&self) -> usize {
+    #[cfg(test)]
+    fn open_connections(&self) -> usize {
         self.shared.conns().open.len()
     }
 }
@@ -251,6 +252,83 @@ impl Drop for Relay {
             nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if let Some(h) = self.accept.take() {
             let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A relay on a local port of the test process.
+    fn relay() -> (Relay, u16) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        (Relay::start(listener, Arc::default()), port)
+    }
+
+    /// The head timeout is for the whole head: a job that sends a byte now
+    /// and then cannot hold a connection (and its thread) for ever.
+    #[test]
+    fn a_trickled_head_times_out_in_all() {
+        let (_relay, port) = relay();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let start = Instant::now();
+        let mut answer = Vec::new();
+        for b in b"GET http://93.184.216.34/ HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
+            assert!(start.elapsed() < Duration::from_secs(60), "no answer");
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let mut buf = [0u8; 512];
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                _ if !answer.is_empty() => break,
+                _ => {}
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with("sandq egress: no complete request head within 10 s\n"),
+            "{answer}"
+        );
+    }
+
+    #[test]
+    fn connections_are_released_when_they_end() {
+        let (relay, port) = relay();
+        let held: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let start = Instant::now();
+        while relay.open_connections() < MAX_CONNECTIONS {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "not all accepted"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut over = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut answer = String::new();
+        over.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{answer}"
+        );
+        drop(held);
+        while relay.open_connections() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "not released");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
