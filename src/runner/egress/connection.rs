@@ -243,9 +243,10 @@ fn resolve_checked(
         return Err(Refusal::Unresolved(a.to_string()));
     }
     for addr in &addrs {
-        let checked = match proxy.iter().any(|p| reaches(*addr, *p)) {
-            true => Err(Denied::UpstreamProxy(*addr)),
-            false => policy.check(*addr),
+        let checked = if proxy.iter().any(|p| reaches(*addr, *p)) {
+            Err(Denied::UpstreamProxy(*addr))
+        } else {
+            policy.check(*addr)
         };
         checked.map_err(|denied| Refusal::Forbidden(a.to_string(), denied))?;
     }
@@ -308,7 +309,9 @@ impl Route {
                     .write_all(&request.head_for(dest, upstream))
                     .map_err(lost)?;
                 // Bytes after the body (a pipelined request) are dropped.
-                let now = leftover.len().min(request.body_len as usize);
+                let now = leftover
+                    .len()
+                    .min(usize::try_from(request.body_len).unwrap_or(usize::MAX));
                 let sent = (&*server).write_all(&leftover[..now]);
                 Ok(sent.ok().map(|()| Forward::Http {
                     server,

@@ -220,7 +220,7 @@ impl EgressPolicy {
             return Err(Denied::OwnService(addr));
         }
         let allowed = |a: IpAddr| self.allow.iter().any(|c| c.contains(a));
-        if allowed(ip) || allowed(canonical(ip)) || carried.is_some_and(|v4| allowed(v4.into())) {
+        if allowed(ip) || carried.is_some_and(|v4| allowed(v4.into())) {
             return Ok(());
         }
         match (ip, carried) {
