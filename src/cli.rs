@@ -250,6 +250,7 @@ fn redis_answers(url: &str) -> bool {
 pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     let mut cfg = args.resolve()?;
     let started = Instant::now();
+    raise_open_files_limit();
     // Everything that needs a single-threaded process happens before the runtime.
     let (sandbox, _) = prepare_sandbox(&args.sandbox, cfg.settings.sandbox.slots, &cfg.worker_id)?;
     info!(
@@ -341,6 +342,26 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
 
 /// The warm pool: python3 always, nodejs where it is installed, each with and
 /// without network where the worker allows network.
+/// Raise the soft open-files limit to the hard one. Each running job costs
+/// the worker fds (pipes, its relay's connections, capped per job); the usual
+/// soft default of 1024 is within reach of a few busy network jobs, while the
+/// hard limit is the operator's real bound. Jobs get their own, lower limit.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(
+                from = soft,
+                to = hard,
+                "raised the open-files limit (soft) to the hard limit"
+            ),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok((soft, hard)) => info!(soft, hard, "open-files limit"),
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 fn start_pool(cfg: &config::WorkerConfig, sandbox: &Arc<Sandbox>) -> crate::runner::pool::Pool {
     let mut profiles = Vec::new();
     for language in Language::ALL {
