@@ -73,14 +73,19 @@ impl fmt::Display for Authority {
 }
 
 impl Authority {
+    /// The value of a `Host` header naming this target: the port only when
+    /// it is not HTTP's 80.
+    pub fn host_header(&self) -> String {
+        let full = self.to_string();
+        match self.port {
+            80 => full[..full.len() - ":80".len()].to_owned(),
+            _ => full,
+        }
+    }
+
     /// The target of a `CONNECT`: `host:port`, the port required.
     pub fn from_connect(target: &str) -> Result<Authority, AuthorityError> {
         parse(target, None)
-    }
-
-    /// A `Host` header: `host[:port]`, port 80 when absent.
-    pub fn from_host_header(value: &str) -> Result<Authority, AuthorityError> {
-        parse(value, Some(80))
     }
 
     /// An absolute-form target, `http://host[:port][/path][?query]`: the
@@ -336,16 +341,11 @@ mod tests {
     }
 
     #[test]
-    fn host_headers_default_to_port_80() {
-        assert_eq!(
-            Authority::from_host_header("Example.com"),
-            Ok(name("example.com", 80))
-        );
-        assert_eq!(
-            Authority::from_host_header("example.com:81"),
-            Ok(name("example.com", 81))
-        );
+    fn authorities_print_with_their_port() {
         assert_eq!(name("example.com", 80).to_string(), "example.com:80");
+        assert_eq!(name("example.com", 80).host_header(), "example.com");
+        assert_eq!(name("example.com", 8080).host_header(), "example.com:8080");
+        assert_eq!(ip("::1", 80).host_header(), "[::1]");
         assert_eq!(ip("::1", 443).to_string(), "[::1]:443");
     }
 }

@@ -77,8 +77,8 @@ pub(super) enum Refusal {
     HeadTimeout,
     #[error(transparent)]
     Authority(#[from] super::authority::AuthorityError),
-    #[error("the Host header does not name the request target {0}")]
-    HostMismatch(String),
+    #[error("more than one Host header")]
+    RepeatedHost,
     #[error("bad or repeated Content-Length")]
     ContentLength,
     #[error("request bodies with Transfer-Encoding are not relayed; send Content-Length")]
@@ -105,7 +105,7 @@ impl Refusal {
     fn status(&self) -> &'static str {
         use Refusal::*;
         match self {
-            BadHead(_) | Authority(_) | HostMismatch(_) | ContentLength => "400 Bad Request",
+            BadHead(_) | Authority(_) | RepeatedHost | ContentLength => "400 Bad Request",
             HeadTooLarge => "431 Request Header Fields Too Large",
             HeadTimeout => "408 Request Timeout",
             TransferEncoding => "411 Length Required",
@@ -575,8 +575,6 @@ struct Request {
     target: Target,
     /// End-to-end headers, in order, to pass on.
     headers: Vec<(String, Vec<u8>)>,
-    /// The `Host` header as the job sent it (it names the target).
-    host: Option<Vec<u8>>,
     content_length: Option<u64>,
     body_len: u64,
 }
@@ -601,11 +599,11 @@ impl Request {
             minor,
             target,
             headers: Vec::new(),
-            host: None,
             content_length: None,
             body_len: 0,
         };
         let mut listed: Vec<String> = Vec::new();
+        let mut seen_host = false;
         for h in r.headers.iter() {
             let name = h.name.to_ascii_lowercase();
             match name.as_str() {
@@ -616,12 +614,12 @@ impl Request {
                     }
                     request.content_length = Some(content_length(h.value)?);
                 }
-                "host" => {
-                    if request.host.is_some() {
-                        return Err(Refusal::HostMismatch(request.authority().to_string()));
-                    }
-                    request.host = Some(h.value.to_vec());
+                // A proxy ignores the job's Host and names the target itself
+                // (RFC 9112, 3.2.2); two of them are refused as a server would.
+                "host" if std::mem::replace(&mut seen_host, true) => {
+                    return Err(Refusal::RepeatedHost)
                 }
+                "host" => {}
                 "connection" => listed.extend(
                     String::from_utf8_lossy(h.value)
                         .split(',')
@@ -635,14 +633,6 @@ impl Request {
         request
             .headers
             .retain(|(n, _)| !listed.contains(&n.to_ascii_lowercase()));
-        if let (Target::Http { authority, .. }, Some(host)) = (&request.target, &request.host) {
-            let named = std::str::from_utf8(host)
-                .ok()
-                .and_then(|h| Authority::from_host_header(h).ok());
-            if named.as_ref() != Some(authority) {
-                return Err(Refusal::HostMismatch(authority.to_string()));
-            }
-        }
         request.body_len = request.content_length.unwrap_or(0);
         Ok(request)
     }
@@ -654,7 +644,8 @@ impl Request {
     }
 
     /// The head sent on: origin form to the destination; absolute form with
-    /// the checked address to an upstream proxy. The job's `Host` is kept.
+    /// the checked address to an upstream proxy; `Host` is the target as the
+    /// job named it.
     fn head_for(&self, dest: SocketAddr, upstream: bool) -> Vec<u8> {
         let Target::Http { authority, path } = &self.target else {
             return Vec::new();
@@ -672,12 +663,7 @@ impl Request {
         for (name, value) in &self.headers {
             push_header(&mut out, name, value);
         }
-        let named = authority.to_string();
-        push_header(
-            &mut out,
-            "Host",
-            self.host.as_deref().unwrap_or(named.as_bytes()),
-        );
+        push_header(&mut out, "Host", authority.host_header().as_bytes());
         if let Some(len) = self.content_length {
             let _ = write!(out, "Content-Length: {len}\r\n");
         }
@@ -739,20 +725,21 @@ mod tests {
     }
 
     #[test]
-    fn host_must_name_the_target() {
-        assert!(
-            request("GET http://example.com/ HTTP/1.1\r\nHost: EXAMPLE.com:80\r\n\r\n").is_ok()
-        );
-        for bad in [
-            "GET http://example.com/ HTTP/1.1\r\nHost: 127.0.0.1:6379\r\n\r\n",
-            "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nHost: example.com\r\n\r\n",
-            "GET http://example.com/ HTTP/1.1\r\nHost: u@example.com\r\n\r\n",
-        ] {
-            assert!(
-                matches!(request(bad), Err(Refusal::HostMismatch(_))),
-                "{bad:?}"
-            );
+    fn the_target_names_the_host() {
+        // Whatever Host the job sent, the one sent on names the target.
+        for host in ["127.0.0.1:6379", "u@example.com", "localhost:3128"] {
+            let r = request(&format!(
+                "GET http://example.com/ HTTP/1.1\r\nHost: {host}\r\n\r\n"
+            ))
+            .unwrap();
+            let head =
+                String::from_utf8(r.head_for("93.184.216.34:80".parse().unwrap(), false)).unwrap();
+            assert!(head.contains("\r\nHost: example.com\r\n"), "{head}");
+            assert!(!head.contains(host), "{head}");
         }
+        let twice =
+            "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nHost: example.com\r\n\r\n";
+        assert!(matches!(request(twice), Err(Refusal::RepeatedHost)));
     }
 
     #[test]
@@ -775,7 +762,7 @@ mod tests {
         let dest: SocketAddr = "[2606:4700::1]:80".parse().unwrap();
         assert_eq!(
             String::from_utf8(r.head_for(dest, true)).unwrap(),
-            "GET http://[2606:4700::1]:80/ HTTP/1.0\r\nHost: [2606:4700::1]:80\r\nConnection: close\r\n\r\n"
+            "GET http://[2606:4700::1]:80/ HTTP/1.0\r\nHost: [2606:4700::1]\r\nConnection: close\r\n\r\n"
         );
     }
 
