@@ -21,6 +21,8 @@ pub enum CliError {
     Sandbox(#[from] SandboxError),
     #[error("the sandbox self-test failed: {0}")]
     SelfTest(String),
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Run(#[from] crate::runner::RunError),
     #[error(transparent)]
@@ -44,7 +46,10 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) => 2,
-            CliError::Sandbox(_) | CliError::SelfTest(_) | CliError::Run(_) => 3,
+            CliError::Sandbox(_)
+            | CliError::SelfTest(_)
+            | CliError::Run(_)
+            | CliError::Refused(_) => 3,
             CliError::Redis(_) | CliError::EmbeddedRedis(_) => 4,
             // Two processes given one worker id: the operator's to fix.
             CliError::Worker(
@@ -267,6 +272,12 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     for t in &tests {
         info!(result = %t, "self-test");
     }
+    // A required layer missing: the worker stays up, not ready, saying why
+    // (on /readyz and here), and takes no job.
+    let refusal = sandbox.refusal();
+    if let Some(reason) = &refusal {
+        error!(%reason, "NOT TAKING JOBS");
+    }
 
     let embedded = if cfg.embedded_redis || (cfg.demo && !redis_answers(&cfg.redis_url)) {
         let r = EmbeddedRedis::start()?;
@@ -277,6 +288,9 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
         None
     };
 
+    if refusal.is_some() {
+        cfg.pool_size = 0;
+    }
     let pool = Arc::new(start_pool(&cfg, &sandbox));
     let metrics = Arc::new(Metrics::new(Duration::from_millis(
         cfg.settings.limits.max_timeout_ms,
@@ -287,6 +301,9 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     let readiness = Arc::new(Readiness::new(&metrics));
     // The runtime root is prepared and the self-test passed (above).
     readiness.sandbox_ready();
+    if let Some(reason) = refusal.clone() {
+        readiness.refuse_jobs(reason);
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -321,8 +338,15 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
         if cfg.demo {
             tokio::spawn(demo(cfg.redis_url.clone(), cfg.prefix.clone()));
         }
-        let result =
-            crate::worker::run(cfg, sandbox, pool, metrics.clone(), readiness, shutdown).await;
+        let result = match refusal {
+            None => {
+                crate::worker::run(cfg, sandbox, pool, metrics.clone(), readiness, shutdown).await
+            }
+            Some(_) => {
+                shutdown.cancelled().await;
+                Ok(())
+            }
+        };
         if let Some(server) = server {
             if !server.is_finished() {
                 metrics.linger(linger).await;
@@ -340,8 +364,6 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The warm pool: python3 always, nodejs where it is installed, each with and
-/// without network where the worker allows network.
 /// Raise the soft open-files limit to the hard one. Each running job costs
 /// the worker fds (pipes, its relay's connections, capped per job); the usual
 /// soft default of 1024 is within reach of a few busy network jobs, while the
@@ -362,6 +384,8 @@ fn raise_open_files_limit() {
     }
 }
 
+/// The warm pool: python3 always, nodejs where it is installed, each with and
+/// without network where the worker allows network.
 fn start_pool(cfg: &config::WorkerConfig, sandbox: &Arc<Sandbox>) -> crate::runner::pool::Pool {
     let mut profiles = Vec::new();
     for language in Language::ALL {
@@ -459,6 +483,9 @@ pub fn run(args: RunArgs, learn: bool) -> Result<ExitCode, CliError> {
     let code = config::read_code(&args.code, &args.file)?;
     let (sandbox, settings) =
         prepare_sandbox(&args.sandbox, 1, &format!("run-{}", std::process::id()))?;
+    if let Some(reason) = sandbox.refusal() {
+        return Err(CliError::Refused(reason));
+    }
     if args.enable_network && !settings.limits.allow_network {
         return Err(ConfigError::Invalid("--enable-network needs --allow-network".into()).into());
     }
@@ -565,6 +592,10 @@ pub fn doctor(args: config::DoctorArgs) -> ExitCode {
                 .iter()
                 .filter(|l| l.status.is_err())
                 .count();
+            if let Some(reason) = sandbox.refusal() {
+                println!("REFUSING JOBS: {reason}");
+                return ExitCode::from(3);
+            }
             if missing > 0 {
                 println!("{missing} layer(s) unavailable (not required by the config)");
             }

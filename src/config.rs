@@ -99,6 +99,15 @@ pub struct SandboxArgs {
         value_delimiter = ','
     )]
     pub require_layer: Vec<String>,
+    /// Take jobs even though this layer, which the worker requires by
+    /// default, is unavailable (repeatable; today: `cgroup memory`, without
+    /// which memory_mb falls back to RLIMIT_AS)
+    #[arg(
+        long = "allow-degraded",
+        env = "SANDQ_ALLOW_DEGRADED",
+        value_delimiter = ','
+    )]
+    pub allow_degraded: Vec<String>,
     /// Let jobs ask for network with `enable_network` [default: false]
     #[arg(long, env = "SANDQ_ALLOW_NETWORK", num_args = 0..=1, default_missing_value = "true")]
     pub allow_network: Option<bool>,
@@ -338,6 +347,8 @@ pub struct FileConfig {
     pub allow_syscall: Vec<String>,
     #[serde(default)]
     pub require_layer: Vec<String>,
+    #[serde(default)]
+    pub allow_degraded: Vec<String>,
     pub allow_network: Option<bool>,
     pub max_timeout_ms: Option<u64>,
     pub max_memory_mb: Option<u64>,
@@ -410,6 +421,17 @@ impl SandboxArgs {
         allow_syscalls.dedup();
         let mut require_layers = self.require_layer.clone();
         require_layers.extend(file.require_layer.iter().cloned());
+        let mut allow_degraded = self.allow_degraded.clone();
+        allow_degraded.extend(file.allow_degraded.iter().cloned());
+        if let Some(unknown) = allow_degraded
+            .iter()
+            .find(|l| !crate::sandbox::REQUIRED_TO_TAKE_JOBS.contains(&l.as_str()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "allow_degraded {unknown:?}: only {:?} can be allowed to be missing",
+                crate::sandbox::REQUIRED_TO_TAKE_JOBS
+            )));
+        }
         let defaults = Limits::default();
         let limits = Limits {
             max_timeout_ms: self
@@ -480,6 +502,7 @@ impl SandboxArgs {
                 pids_max,
                 nofile: 256,
                 require_layers,
+                allow_degraded,
                 private_mounts: Ok(()),
             },
             limits,

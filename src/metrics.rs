@@ -446,6 +446,8 @@ struct ReadyState {
     sandbox: bool,
     /// Shutting down: no new jobs are taken.
     draining: bool,
+    /// Why this worker takes no job at all (a required layer is missing).
+    refused: Option<String>,
     /// Redis counts as working.
     redis: bool,
     /// The last Redis failure: when, and the error.
@@ -454,7 +456,7 @@ struct ReadyState {
 
 impl ReadyState {
     fn ready(&self) -> bool {
-        self.sandbox && self.redis && !self.draining
+        self.sandbox && self.redis && !self.draining && self.refused.is_none()
     }
 }
 
@@ -480,6 +482,11 @@ impl Readiness {
     /// The runtime root is prepared and the self-test passed.
     pub fn sandbox_ready(&self) {
         self.update(|s| s.sandbox = true);
+    }
+
+    /// The worker takes no job, for this reason, for as long as it runs.
+    pub fn refuse_jobs(&self, reason: String) {
+        self.update(|s| s.refused = Some(reason));
     }
 
     /// Shutdown began: not ready from now on.
@@ -534,6 +541,9 @@ impl Readiness {
         }
         if state.draining {
             why.push("draining: shutting down, taking no new jobs".to_owned());
+        }
+        if let Some(reason) = &state.refused {
+            why.push(reason.clone());
         }
         if !state.redis {
             why.push(match &state.failure {

@@ -186,3 +186,90 @@ fn run_reports_timeouts_and_reads_code_from_stdin() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
     assert!(out.status.success());
 }
+
+/// `sandq` with `args`, in a mount namespace of its own where
+/// /sys/fs/cgroup is an empty tmpfs: a host without usable cgroups.
+fn without_cgroups(args: &[&str]) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs none /sys/fs/cgroup && exec "$0" "$@""#)
+        .arg(BIN)
+        .args(args)
+        .env_remove("SANDQ_CONFIG");
+    cmd
+}
+
+#[test]
+fn without_the_memory_cgroup_no_job_is_taken_unless_allowed() {
+    let out = without_cgroups(&["doctor"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("cgroup memory      UNAVAILABLE"), "{text}");
+    assert!(text.contains("REFUSING JOBS"), "{text}");
+    assert!(
+        text.contains("--allow-degraded \"cgroup memory\""),
+        "{text}"
+    );
+    let out = without_cgroups(&["run", "-l", "python3", "-c", "print(1)"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job is taken"));
+
+    // The worker stays up, not ready, saying why, and leaves jobs queued.
+    let Some(mut c) = common::redis() else { return };
+    let p = common::prefix("no-cgroups");
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let worker_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["worker", "--redis", &common::redis_url(), "--prefix", &p]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend([
+            "--metrics-addr".into(),
+            addr.clone(),
+            "--concurrency".into(),
+            "1".into(),
+        ]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = worker_args(&[]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut refusing = common::Procs(vec![without_cgroups(&refs)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()]);
+    common::push(
+        &mut c,
+        &p,
+        &serde_json::json!({"id": "q1", "language": "python3", "code": "print(1)"}),
+    );
+    let (status, readyz) =
+        common::http_get_when_up(port, "/readyz", std::time::Duration::from_secs(30));
+    assert_eq!(status, 503, "{readyz}");
+    assert!(readyz.contains("cgroup memory"), "{readyz}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        common::llen(&mut c, &format!("{p}:queue")),
+        1,
+        "the job stays queued"
+    );
+    assert!(
+        refusing.0[0].try_wait().unwrap().is_none(),
+        "the worker stays up"
+    );
+    drop(refusing);
+
+    // Allowed to run degraded: the queued job runs.
+    let args = worker_args(&["--allow-degraded", "cgroup memory"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _degraded = common::Procs(vec![without_cgroups(&refs)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()]);
+    let r = common::result(&mut c, &p, "q1", std::time::Duration::from_secs(60));
+    common::assert_status(&r, "ok");
+    common::delete_prefix(&p);
+}

@@ -568,23 +568,9 @@ fn done_markers_are_small_and_the_dead_list_is_capped() {
         .collect();
     let newest: Vec<String> = (7..12).map(|i| format!("not json {i}")).collect();
     assert_eq!(payloads, newest, "the newest five are kept");
-    let metrics = http_get(port, "/metrics");
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
     assert!(
         metrics.contains("sandq_dead_letters_trimmed_total 7"),
         "{metrics}"
     );
-}
-
-/// GET a path on the worker's metrics port.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }

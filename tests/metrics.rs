@@ -7,8 +7,7 @@ use common::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,41 +22,13 @@ fn root() -> &'static Path {
 // HTTP and the text exposition
 // ---------------------------------------------------------------------------
 
-/// A plain HTTP/1.0 GET to 127.0.0.1: (status code, body).
 fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Error, ErrorKind};
-    let addr = ([127, 0, 0, 1], port).into();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8(raw).map_err(|e| Error::new(ErrorKind::InvalidData, e))?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| Error::new(ErrorKind::InvalidData, format!("no header end: {text:?}")))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| Error::new(ErrorKind::InvalidData, format!("no status: {head:?}")))?;
-    Ok((status, body.to_owned()))
+    http_get(port, path)
 }
 
 /// GET, waiting up to 10 s for the endpoint to start listening.
 fn get_when_up(port: u16, path: &str) -> (u16, String) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match get(port, path) {
-            Ok(r) => return r,
-            Err(e) if Instant::now() > deadline => panic!("GET {path} on port {port}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+    http_get_when_up(port, path, Duration::from_secs(10))
 }
 
 struct Sample {

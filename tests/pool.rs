@@ -6,8 +6,6 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 const PY: &str = "python3";
@@ -15,31 +13,9 @@ const NODE: &str = "nodejs";
 
 /// The text of /metrics, waiting up to 10 s for the endpoint to listen.
 fn scrape(port: u16) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match try_scrape(port) {
-            Ok(body) => return body,
-            Err(e) if Instant::now() > deadline => panic!("GET /metrics on port {port}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-fn try_scrape(port: u16) -> std::io::Result<String> {
-    let addr = ([127, 0, 0, 1], port).into();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
-            Ok(body.to_owned())
-        }
-        _ => Err(std::io::Error::other(format!("bad response: {text:.200}"))),
+    match http_get_when_up(port, "/metrics", Duration::from_secs(10)) {
+        (200, body) => body,
+        (status, body) => panic!("GET /metrics: {status} {body:.200}"),
     }
 }
 

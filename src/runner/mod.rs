@@ -390,6 +390,7 @@ impl Runner<'_> {
             control: ctl_child.as_raw_fd(),
             error: err_w.as_raw_fd(),
             namespaces,
+            cgroup: cgroup.as_ref().and_then(|c| c.birth_dir()),
             join: &join,
             root: root_plan,
             workdir: &workdir,
@@ -447,10 +448,9 @@ impl Runner<'_> {
                 return Err(e);
             }
         };
-        // Into the job's cgroup (a no-op for a slot cgroup, which the child
-        // was born in) while the interpreter starts up: the kernel's wait for
-        // the move overlaps that start-up, and the job's code comes on fd 3
-        // only after this (see sandbox::spawn, step 4).
+        // Into the job's cgroup where the child was not born in it (kernels
+        // before 5.7 on cgroup v2): the job's code comes on fd 3 only after
+        // this (see sandbox::spawn, step 4). A no-op otherwise.
         if let Some(cg) = &cgroup {
             if let Err(e) = cg.attach(child.pid) {
                 supervise::kill_and_reap(&child);

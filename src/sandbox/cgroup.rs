@@ -6,11 +6,21 @@
 //! a child is born in it, and the limits are set per job. Moving a task into
 //! a v1 cgroup waits for an RCU grace period and stalls every fork and thread
 //! creation on the host meanwhile, which a per-job move would pay every time.
-//! Elsewhere each job gets a cgroup of its own under `<...>/sandq/<worker>/`,
-//! made before the spawn, removed after the reap, and the parent moves the
-//! child in after exec (see `sandbox::spawn`, step 4). A kill by the memory controller is read back from `oom_kill` in
-//! `memory.events` (v2) or `memory.oom_control` (v1) to report `memory_limit`.
-//! Only cgroups this worker created are ever touched.
+//!
+//! On cgroup v2 each job gets a group of its own, made before the spawn and
+//! removed after the reap, and is born in it (`CLONE_INTO_CGROUP`, see
+//! `sandbox::spawn`, step 4). The groups live under the worker's own group
+//! (where a container's cgroup namespace or a systemd unit with
+//! `Delegate=yes` puts it), never above it: `<own>/sandq/<worker>/job-<n>`.
+//! v2 lets a group hand controllers to its children only while it holds no
+//! process itself, so the worker first moves the processes of its own group
+//! (itself, and in a container its init) into a leaf, `<own>/sandq-worker`,
+//! then enables `+memory +pids` below `<own>`. Only at the hierarchy's real
+//! root, which that rule exempts, does everything stay where it is.
+//!
+//! A kill by the memory controller is read back from `oom_kill` in
+//! `memory.events` (v2) or `memory.oom_control` (v1) to report
+//! `memory_limit`. Only cgroups this worker created are ever removed.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -43,8 +53,9 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
 /// Which hierarchy the host has.
 #[derive(Debug)]
 pub enum Cgroups {
-    /// Unified hierarchy: one directory holds memory and pids.
-    V2 { base: PathBuf },
+    /// Unified hierarchy: one directory holds memory and pids. `born_in`:
+    /// the kernel starts a child in its group (`CLONE_INTO_CGROUP`).
+    V2 { base: PathBuf, born_in: bool },
     /// Legacy: a directory per controller.
     V1 { memory: PathBuf, pids: PathBuf },
 }
@@ -68,28 +79,27 @@ impl Cgroups {
             fs::create_dir_all(&pids).map_err(io_err(&pids))?;
             return Ok(Cgroups::V1 { memory, pids });
         }
-        let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-        if controllers.contains("memory") && controllers.contains("pids") {
-            // Each level must delegate memory and pids to the next one.
-            let sandq = root.join("sandq");
-            fs::create_dir_all(&sandq).map_err(io_err(&sandq))?;
-            remove_stale(&sandq);
-            write(&root.join("cgroup.subtree_control"), "+memory +pids")?;
-            let base = sandq.join(worker_tag);
-            fs::create_dir_all(&base).map_err(io_err(&base))?;
-            write(&sandq.join("cgroup.subtree_control"), "+memory +pids")?;
-            write(&base.join("cgroup.subtree_control"), "+memory +pids")?;
-            return Ok(Cgroups::V2 { base });
+        if root.join("cgroup.controllers").exists() {
+            return v2(root, worker_tag);
         }
         Err(CgroupError::Unavailable(
-            "neither cgroup v1 memory+pids nor cgroup v2 with memory and pids controllers is mounted at /sys/fs/cgroup".into(),
+            "neither cgroup v1 memory+pids nor cgroup v2 is mounted at /sys/fs/cgroup".into(),
         ))
     }
 
-    pub fn version(&self) -> &'static str {
+    /// The hierarchy and how a job joins its group, for the layer report.
+    pub fn describe(&self) -> String {
         match self {
-            Cgroups::V2 { .. } => "v2",
-            Cgroups::V1 { .. } => "v1",
+            Cgroups::V2 { base, born_in } => format!(
+                "cgroup v2 under {}, {}",
+                base.display(),
+                if *born_in {
+                    "jobs born in their group"
+                } else {
+                    "jobs moved in after exec (no CLONE_INTO_CGROUP before Linux 5.7)"
+                }
+            ),
+            Cgroups::V1 { .. } => "cgroup v1, jobs born in their uid's group".into(),
         }
     }
 
@@ -102,7 +112,7 @@ impl Cgroups {
         pids: u64,
     ) -> Result<JobCgroup, CgroupError> {
         let dirs: Vec<PathBuf> = match self {
-            Cgroups::V2 { base } => vec![base.join(name)],
+            Cgroups::V2 { base, .. } => vec![base.join(name)],
             Cgroups::V1 { memory, pids } => vec![memory.join(name), pids.join(name)],
         };
         for dir in &dirs {
@@ -112,6 +122,7 @@ impl Cgroups {
             v2: matches!(self, Cgroups::V2 { .. }),
             dirs,
             procs: Vec::new(),
+            birth: None,
             slot: None,
         };
         job.set_memory(memory_bytes)?;
@@ -120,6 +131,10 @@ impl Cgroups {
             let _ = write(&job.dirs[0].join("memory.swap.max"), "0");
         }
         job.set_pids(pids)?;
+        if let Cgroups::V2 { born_in: true, .. } = self {
+            job.birth = Some(open_dir(&job.dirs[0])?);
+            return Ok(job);
+        }
         for dir in &job.dirs {
             let path = dir.join("cgroup.procs");
             let file = OpenOptions::new()
@@ -168,6 +183,7 @@ impl Cgroups {
             v2: false,
             dirs,
             procs: Vec::new(),
+            birth: None,
             slot: Some(Baseline::default()),
         };
         job.set_memory(memory_bytes)?;
@@ -176,6 +192,117 @@ impl Cgroups {
         job.slot = Some(job.counters());
         Ok(job)
     }
+}
+
+/// The name of the leaf the worker's own processes move into on cgroup v2.
+pub const WORKER_LEAF: &str = "sandq-worker";
+
+/// Set up cgroup v2 below this process's own group (see the module doc).
+fn v2(root: &Path, worker_tag: &str) -> Result<Cgroups, CgroupError> {
+    let own = own_group(root)?;
+    // The real root has no `cgroup.type`; a cgroup namespace's root, a
+    // container's view, is an ordinary group and has one.
+    let at_real_root = own == root && !root.join("cgroup.type").exists();
+    if !at_real_root {
+        take_own_group(&own)?;
+    }
+    let wanted = ["memory", "pids"];
+    let offered = fs::read_to_string(own.join("cgroup.controllers")).unwrap_or_default();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|c| !offered.split_whitespace().any(|o| o == *c))
+        .collect();
+    if !missing.is_empty() {
+        return Err(CgroupError::Unavailable(format!(
+            "the {} controller(s) are not delegated to this worker's cgroup {} (it offers: {:?}): \
+             run it in a container with its own cgroup namespace and a writable /sys/fs/cgroup, \
+             or under a systemd unit with Delegate=yes",
+            missing.join(" and "),
+            own.display(),
+            offered.trim()
+        )));
+    }
+    // Each level hands memory and pids to the next one.
+    write(&own.join("cgroup.subtree_control"), "+memory +pids")?;
+    let sandq = own.join("sandq");
+    fs::create_dir_all(&sandq).map_err(io_err(&sandq))?;
+    remove_stale(&sandq);
+    write(&sandq.join("cgroup.subtree_control"), "+memory +pids")?;
+    let base = sandq.join(worker_tag);
+    fs::create_dir_all(&base).map_err(io_err(&base))?;
+    write(&base.join("cgroup.subtree_control"), "+memory +pids")?;
+    let born_in = probe_birth(&base);
+    Ok(Cgroups::V2 { base, born_in })
+}
+
+/// This process's cgroup v2 group, from `/proc/self/cgroup` (`0::/path`,
+/// relative to the cgroup namespace, as `/sys/fs/cgroup` shows it).
+fn own_group(root: &Path) -> Result<PathBuf, CgroupError> {
+    let path = Path::new("/proc/self/cgroup");
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| {
+            CgroupError::Unavailable("no cgroup v2 entry in /proc/self/cgroup".into())
+        })?;
+    let own = root.join(relative.trim().trim_start_matches('/'));
+    if own.join("cgroup.procs").exists() {
+        Ok(own)
+    } else {
+        Err(CgroupError::Unavailable(format!(
+            "this worker's cgroup {} is not visible under {} (a container without its own cgroup namespace?)",
+            relative.trim(),
+            root.display()
+        )))
+    }
+}
+
+/// Move every process of `own` into its leaf `WORKER_LEAF`, so that `own`
+/// holds none and may hand controllers to its children ("no internal
+/// processes"). In a container these are the worker and its init; under a
+/// systemd unit, the unit's processes. A process that exits meanwhile is
+/// skipped.
+fn take_own_group(own: &Path) -> Result<(), CgroupError> {
+    let leaf = own.join(WORKER_LEAF);
+    if !leaf.exists() {
+        fs::create_dir(&leaf).map_err(io_err(&leaf))?;
+    }
+    let procs = own.join("cgroup.procs");
+    let target = leaf.join("cgroup.procs");
+    let listed = fs::read_to_string(&procs).map_err(io_err(&procs))?;
+    for pid in listed.split_whitespace() {
+        match fs::write(&target, pid) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            other => other.map_err(io_err(&target))?,
+        }
+    }
+    Ok(())
+}
+
+/// Open a group's directory, for `CLONE_INTO_CGROUP`.
+fn open_dir(dir: &Path) -> Result<std::os::fd::OwnedFd, CgroupError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(io_err(dir))?;
+    Ok(file.into())
+}
+
+/// Whether the kernel starts a child in a given group: clone one into a
+/// scratch group under `base` (it exits at once).
+fn probe_birth(base: &Path) -> bool {
+    let probe = base.join("probe");
+    if fs::create_dir(&probe).is_err() {
+        return false;
+    }
+    let born = open_dir(&probe).is_ok_and(|dir| {
+        super::spawn::probe_into(0, Some(std::os::fd::AsRawFd::as_raw_fd(&dir))).is_ok()
+    });
+    let _ = fs::remove_dir(&probe);
+    born
 }
 
 /// Remove the groups of workers that no longer run (a SIGKILLed worker cannot
@@ -218,7 +345,10 @@ fn remove_tree(dir: &Path) {
 pub struct JobCgroup {
     v2: bool,
     dirs: Vec<PathBuf>,
+    /// `cgroup.procs` of each directory, where the child is moved in after exec.
     procs: Vec<File>,
+    /// The group's directory, where the child is born in it instead.
+    birth: Option<std::os::fd::OwnedFd>,
     slot: Option<Baseline>,
 }
 
@@ -246,8 +376,14 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
 }
 
 impl JobCgroup {
+    /// The directory to clone the child into (`CLONE_INTO_CGROUP`), where
+    /// the kernel does that.
+    pub fn birth_dir(&self) -> Option<std::os::fd::RawFd> {
+        self.birth.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)
+    }
+
     /// Move process `pid` (all its threads) into the job's cgroup(s). A job
-    /// in a slot is there already: it was cloned by the slot's thread.
+    /// in a slot, or born in its group, is there already (nothing to do).
     pub fn attach(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
         let value = pid.to_string();
         for (file, dir) in self.procs.iter().zip(&self.dirs) {
@@ -342,6 +478,7 @@ impl Drop for JobCgroup {
             return;
         }
         self.procs.clear();
+        self.birth = None;
         for dir in &self.dirs {
             // Right after the reap the kernel may still hold the group briefly.
             for attempt in 0..50 {
@@ -359,11 +496,15 @@ impl Drop for JobCgroup {
 impl Drop for Cgroups {
     fn drop(&mut self) {
         let dirs = match self {
-            Cgroups::V2 { base } => vec![base.clone()],
+            Cgroups::V2 { base, .. } => vec![base.clone()],
             Cgroups::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
         };
         for dir in dirs {
             remove_tree(&dir);
+            // The `sandq` group above, if no other worker uses it.
+            if let Some(parent) = dir.parent() {
+                let _ = fs::remove_dir(parent);
+            }
         }
     }
 }

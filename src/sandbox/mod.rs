@@ -66,9 +66,18 @@ pub struct SandboxConfig {
     pub nofile: u64,
     /// Layers that must be active, or start-up fails (`all` for every one).
     pub require_layers: Vec<String>,
+    /// Layers of [`REQUIRED_TO_TAKE_JOBS`] the operator lets jobs run without.
+    pub allow_degraded: Vec<String>,
     /// Set by `main`: whether the worker could enter a private mount namespace.
     pub private_mounts: Result<(), String>,
 }
+
+/// Layers without which a worker takes no job unless the operator allows it
+/// (`--allow-degraded`): without the memory cgroup, `memory_mb` falls back
+/// to RLIMIT_AS, which counts address space rather than memory (Node needs
+/// far more of it than it uses, so its limit is loose) and misses kernel
+/// memory such as socket buffers.
+pub const REQUIRED_TO_TAKE_JOBS: &[&str] = &["cgroup memory"];
 
 /// One isolation layer and whether it is in force.
 #[derive(Debug, Clone)]
@@ -336,8 +345,8 @@ impl Sandbox {
         let cgroups = cgroup::Cgroups::detect(worker_tag);
         let (mem_status, pids_status) = match &cgroups {
             Ok(c) => (
-                Ok(format!("cgroup {}", c.version())),
-                Ok(format!("cgroup {}, max {}", c.version(), config.pids_max)),
+                Ok(c.describe()),
+                Ok(format!("{}, max {}", c.describe(), config.pids_max)),
             ),
             Err(e) => (
                 Err(format!("{e}; falling back to RLIMIT_AS")),
@@ -444,6 +453,23 @@ impl Sandbox {
 
     fn check_required(&self) -> Result<(), SandboxError> {
         self.layers.require(&self.config.require_layers)
+    }
+
+    /// Why this sandbox must take no job: a layer of
+    /// [`REQUIRED_TO_TAKE_JOBS`] is unavailable and the operator did not
+    /// allow running without it.
+    pub fn refusal(&self) -> Option<String> {
+        REQUIRED_TO_TAKE_JOBS
+            .iter()
+            .filter(|name| !self.config.allow_degraded.iter().any(|a| a == *name))
+            .find_map(|name| {
+                let layer = self.layers.0.iter().find(|l| l.name == *name)?;
+                let reason = layer.status.as_ref().err()?;
+                Some(format!(
+                    "isolation layer {name:?} is unavailable ({reason}), so no job is taken; \
+                     fix the host, or start with --allow-degraded {name:?} to run jobs without it"
+                ))
+            })
     }
 
     pub fn interpreter(&self, language: Language) -> &std::path::Path {

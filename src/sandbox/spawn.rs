@@ -38,12 +38,14 @@
 //! 3. stdio and the key pipe onto fds 0-3, our control fds after them
 //!    (close-on-exec), every other fd closed: no worker fd (Redis sockets,
 //!    other jobs' pipes) reaches the interpreter, or even outlives this step.
-//! 4. the cgroup (memory and pids limits) is not joined here: on cgroup v1
-//!    the child was cloned by its uid's slot thread and is born in that
-//!    uid's cgroup (`sandbox::slots`); elsewhere the parent moves it in after
-//!    exec, before handing over the job's code (`runner::Runner::start`).
-//!    Moving a task between cgroups waits for an RCU grace period in the
-//!    kernel, which this keeps off the start-up path.
+//! 4. the cgroup (memory and pids limits) is not joined here: the child is
+//!    born in it. On cgroup v1 it was cloned by its uid's slot thread, which
+//!    lives in that uid's cgroup (`sandbox::slots`); on cgroup v2 `clone3`
+//!    puts it into the job's group itself (`CLONE_INTO_CGROUP`), so nothing
+//!    it allocates is ever charged elsewhere (v2 does not move charges with
+//!    a process). Only where the kernel lacks that (before 5.7) does the
+//!    parent move it in after exec, before handing over the job's code
+//!    (`runner::Runner::start`).
 //! 5. `chdir` to `/tmp` in that root (or to the scratch dir on the host
 //!    filesystem, where the host gave us no mount namespace).
 //! 6. hostname, in the new uts namespace.
@@ -148,6 +150,8 @@ pub struct ChildPlan<'a> {
     /// Write end of the close-on-exec error pipe.
     pub error: RawFd,
     pub namespaces: u64,
+    /// The job's cgroup v2 directory, for `CLONE_INTO_CGROUP`.
+    pub cgroup: Option<RawFd>,
     /// Namespaces to join instead of creating them, as (fd, `CLONE_NEW*`):
     /// the empty network namespace of jobs without network (they cannot
     /// open sockets at all) and the empty IPC namespace (no IPC call is
@@ -169,7 +173,8 @@ pub struct ChildPlan<'a> {
     pub filter: &'a libc::sock_fprog,
 }
 
-/// The kernel's `struct clone_args` (v2, without cgroup).
+/// The kernel's `struct clone_args` (`CLONE_ARGS_SIZE_VER2`, with `cgroup`;
+/// older kernels accept it as long as `cgroup` is 0).
 #[repr(C)]
 #[derive(Default)]
 struct CloneArgs {
@@ -183,7 +188,11 @@ struct CloneArgs {
     tls: u64,
     set_tid: u64,
     set_tid_size: u64,
+    cgroup: u64,
 }
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7), not in every libc.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// A started child: its pid and a pidfd that polls readable when it exits.
 pub struct Spawned {
@@ -197,10 +206,12 @@ pub struct Spawned {
 /// notification; see `runner`.
 pub fn spawn(plan: &ChildPlan<'_>) -> Result<Spawned, SpawnError> {
     let mut pidfd: RawFd = -1;
+    let into = plan.cgroup.map_or(0, |_| CLONE_INTO_CGROUP);
     let args = CloneArgs {
-        flags: plan.namespaces | libc::CLONE_PIDFD as u64,
+        flags: plan.namespaces | libc::CLONE_PIDFD as u64 | into,
         pidfd: &mut pidfd as *mut RawFd as u64,
         exit_signal: libc::SIGCHLD as u64,
+        cgroup: plan.cgroup.map_or(0, |fd| fd as u64),
         ..Default::default()
     };
     // SAFETY: the child branch below only makes raw syscalls on memory the
@@ -295,9 +306,16 @@ unsafe fn clone3(args: &CloneArgs) -> Result<libc::pid_t, std::io::Error> {
 
 /// Check that the host lets us clone with `flags`: the child exits at once.
 pub fn probe(flags: u64) -> Result<(), std::io::Error> {
+    probe_into(flags, None)
+}
+
+/// The same, the child born in the cgroup v2 group `cgroup` (an fd of its
+/// directory), to learn whether the kernel has `CLONE_INTO_CGROUP`.
+pub fn probe_into(flags: u64, cgroup: Option<RawFd>) -> Result<(), std::io::Error> {
     let args = CloneArgs {
-        flags,
+        flags: flags | cgroup.map_or(0, |_| CLONE_INTO_CGROUP),
         exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.map_or(0, |fd| fd as u64),
         ..Default::default()
     };
     // SAFETY: the child branch only calls _exit.

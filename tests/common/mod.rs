@@ -408,3 +408,40 @@ impl Drop for OwnRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A plain HTTP/1.0 GET to 127.0.0.1:`port`: (status code, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Error, ErrorKind, Read, Write};
+    let addr = ([127, 0, 0, 1], port).into();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw).map_err(|e| Error::new(ErrorKind::InvalidData, e))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| Error::new(ErrorKind::InvalidData, format!("no header end: {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Error::new(ErrorKind::InvalidData, format!("no status: {head:?}")))?;
+    Ok((status, body.to_owned()))
+}
+
+/// GET, waiting up to `limit` for the endpoint to start listening.
+pub fn http_get_when_up(port: u16, path: &str, limit: Duration) -> (u16, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match http_get(port, path) {
+            Ok(r) => return r,
+            Err(e) if Instant::now() > deadline => panic!("GET {path} on port {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
