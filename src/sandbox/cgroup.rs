@@ -129,6 +129,8 @@ impl Cgroups {
         if job.v2 {
             // No swap: a job over its memory is killed, not paged out.
             let _ = write(&job.dirs[0].join("memory.swap.max"), "0");
+            // An OOM kill takes the whole job, not one thread of it.
+            let _ = write(&job.dirs[0].join("memory.oom.group"), "1");
         }
         job.set_pids(pids)?;
         if let Cgroups::V2 { born_in: true, .. } = self {
