@@ -13,6 +13,9 @@ use std::fmt;
 pub const MAX_CODE_BYTES: usize = 1024 * 1024;
 /// Largest `stdin` a job may carry.
 pub const MAX_STDIN_BYTES: usize = 8 * 1024 * 1024;
+/// Largest payload taken as a job: its fields at their limits, and room for
+/// the rest. A longer one is dead-lettered unread (with its first bytes).
+pub const MAX_PAYLOAD_BYTES: usize = 2 * MAX_CODE_BYTES + MAX_STDIN_BYTES + 1024 * 1024;
 /// Longest job id; ids end up in Redis key names.
 pub const MAX_ID_LEN: usize = 200;
 /// Longest `result_ttl_s` (a year). Redis itself refuses expiries past about
@@ -158,6 +161,12 @@ pub enum JobError {
 
 /// Parse and validate one payload taken from the queue.
 pub fn parse(raw: &[u8], limits: &Limits) -> Result<Job, JobError> {
+    if raw.len() > MAX_PAYLOAD_BYTES {
+        return Err(JobError::Unreadable(format!(
+            "payload is {} bytes, more than the limit of {MAX_PAYLOAD_BYTES}",
+            raw.len()
+        )));
+    }
     let value: Value = serde_json::from_slice(raw)
         .map_err(|e| JobError::Unreadable(format!("payload is not valid JSON: {e}")))?;
     let Value::Object(obj) = value else {

@@ -504,11 +504,6 @@ impl Readiness {
         self.redis_succeeded_at(Instant::now())
     }
 
-    /// When the last Redis operation failed, if one ever did.
-    pub fn last_redis_failure(&self) -> Option<Instant> {
-        self.update(|s| s.failure.as_ref().map(|(at, _)| *at))
-    }
-
     fn redis_failed_at(&self, now: Instant, error: &str) -> bool {
         self.update(|s| {
             s.failure = Some((now, error.to_owned()));

@@ -41,11 +41,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-/// How long one BLMOVE blocks; also the worst-case delay before shutdown is noticed.
+/// How long one BLMOVE blocks; also the usual delay before shutdown is noticed.
 const FETCH_BLOCK: Duration = Duration::from_secs(1);
+/// How often the processing list is checked for jobs no task holds.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 /// After the grace period: how long killed jobs and abandoned deliveries get
-/// to wind down, and how long the last Redis calls (hand-backs,
-/// deregistration) may take, so that a drain ends whatever Redis does.
+/// to wind down, and how long each of the last steps (hand-backs, the
+/// heartbeat's last call, deregistration) may take, so that a drain ends
+/// within the grace period plus four of these whatever Redis does.
 const WIND_DOWN: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -58,6 +61,8 @@ pub enum WorkerError {
     IdInUse { id: String, holder: String },
     #[error("worker id {id:?} was taken by another process ({holder}) while this one was cut off; stopped without touching its jobs")]
     IdLost { id: String, holder: String },
+    #[error("Redis {0} is too old: sandq needs 6.2 or later (BLMOVE); 7.0 or later is what it is tested with")]
+    RedisTooOld(String),
 }
 
 /// Everything a job task needs, shared.
@@ -178,41 +183,73 @@ impl Backoff {
     }
 }
 
-/// Claim the worker id: refused while another live process holds it.
+/// Claim the worker id (refused while another live process holds it), then
+/// learn what this Redis allows. `false` when shutdown came first.
 async fn claim_id(shared: &Shared) -> Result<bool, WorkerError> {
     let ttl = Duration::from_millis(shared.cfg.heartbeat_ttl_ms);
     let mut backoff = Backoff::new();
+    let mut claimed = false;
     loop {
-        let claimed = match shared.queue.heartbeat(ttl).await {
-            Ok(claimed) => claimed,
+        let step = if claimed {
+            shared.queue.read_server().await.map(Some)
+        } else {
+            shared.queue.heartbeat(ttl).await.map(|ours| {
+                claimed = ours;
+                None
+            })
+        };
+        match step {
+            Ok(Some(server)) => {
+                redis_up(shared);
+                check_server(&server)?;
+                return Ok(true);
+            }
+            Ok(None) if claimed => redis_up(shared),
+            Ok(None) => {
+                let holder = shared.queue.id_holder().await.ok().flatten();
+                return Err(WorkerError::IdInUse {
+                    id: shared.cfg.worker_id.clone(),
+                    holder: holder.unwrap_or_else(|| "unknown".into()),
+                });
+            }
             Err(e) => {
-                redis_down(shared, &e);
+                redis_failed(shared, &e);
                 sleep_or_cancel(backoff.next(), &shared.shutdown).await;
                 if shared.shutdown.is_cancelled() {
                     return Ok(false);
                 }
-                continue;
-            }
-        };
-        redis_up(shared);
-        if !claimed {
-            let holder = shared.queue.id_holder().await.ok().flatten();
-            return Err(WorkerError::IdInUse {
-                id: shared.cfg.worker_id.clone(),
-                holder: holder.unwrap_or_else(|| "unknown".into()),
-            });
-        }
-        // The largest result Redis takes; a failure here is not fatal (the
-        // default is assumed) but an outage is waited out like any other.
-        match shared.queue.read_limits().await {
-            Ok(limit) => debug!(proto_max_bulk_len = limit, "Redis limits read"),
-            Err(e) => {
-                redis_down(shared, &e);
-                continue;
             }
         }
-        return Ok(true);
     }
+}
+
+/// What the queue's guarantees need of Redis: 6.2 for `BLMOVE`, and no
+/// eviction (an evicted heartbeat gets a live worker reaped, an evicted done
+/// marker a second result, an evicted queue its jobs lost).
+fn check_server(server: &crate::queue::Server) -> Result<(), WorkerError> {
+    let version: Vec<u32> = server
+        .version
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    if !version.is_empty() && version < vec![6, 2] {
+        return Err(WorkerError::RedisTooOld(server.version.clone()));
+    }
+    match server.eviction.as_deref() {
+        None | Some("noeviction") => {}
+        Some(policy) => error!(
+            policy,
+            "Redis may evict keys (maxmemory-policy is not noeviction): heartbeats, done \
+             markers and queued jobs can be lost under memory pressure; set it to noeviction"
+        ),
+    }
+    info!(
+        version = %server.version,
+        proto_max_bulk_len = server.max_bulk,
+        eviction = server.eviction.as_deref().unwrap_or("unknown"),
+        "Redis"
+    );
+    Ok(())
 }
 
 /// Run the worker until `shutdown` fires and the drain is done.
@@ -266,8 +303,12 @@ pub async fn run(
     let mut conn = None;
     // After a lost connection, a BLMOVE may have moved a job whose reply we
     // never read: look for such orphans in our own processing list. At
-    // start-up this hands back what an earlier process with this id left.
+    // start-up this hands back what an earlier process with this id left,
+    // and it is done every RECONCILE_EVERY too (a job no task holds, however
+    // it got there, is not stranded in a live worker's list). Here, between
+    // fetches, no BLMOVE is in flight whose job is not in `in_flight` yet.
     let mut reconcile = true;
+    let mut reconciled = Instant::now();
     info!(
         worker = %cfg.worker_id,
         queue = %queue.keys.queue(),
@@ -284,17 +325,17 @@ pub async fn run(
             match queue.blocking_connection().await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
-                    redis_down(&shared, &e);
+                    redis_failed(&shared, &e);
                     sleep_or_cancel(backoff.next(), &shutdown).await;
                     continue;
                 }
             }
         }
-        if reconcile {
+        if reconcile || reconciled.elapsed() >= RECONCILE_EVERY {
             match recover_orphans(&shared, &in_flight).await {
-                Ok(()) => reconcile = false,
+                Ok(()) => (reconcile, reconciled) = (false, Instant::now()),
                 Err(e) => {
-                    redis_down(&shared, &e);
+                    redis_failed(&shared, &e);
                     sleep_or_cancel(backoff.next(), &shutdown).await;
                     continue;
                 }
@@ -302,7 +343,8 @@ pub async fn run(
         }
         let Some(c) = conn.as_mut() else { continue };
         // Not raced against shutdown: dropping a BLMOVE in flight could leave
-        // a job moved but unseen. It returns within FETCH_BLOCK anyway.
+        // a job moved but unseen. It returns within FETCH_BLOCK, or fails
+        // soon after on a connection that went silent.
         match queue.fetch(c, FETCH_BLOCK).await {
             Ok(Some(raw)) => {
                 backoff.reset();
@@ -320,7 +362,7 @@ pub async fn run(
                 redis_up(&shared);
             }
             Err(e) => {
-                redis_down(&shared, &e);
+                redis_failed(&shared, &e);
                 conn = None;
                 reconcile = true;
                 sleep_or_cancel(backoff.next(), &shutdown).await;
@@ -337,7 +379,8 @@ pub async fn run(
     )
     .await;
     background.cancel();
-    let _ = tokio::join!(beat, depths);
+    // Each is at most one Redis call from seeing the cancellation.
+    let _ = tokio::time::timeout(WIND_DOWN, async { tokio::join!(beat, depths) }).await;
     let lost = shared.lost_id.lock().ok().and_then(|l| l.clone());
     if let Some(holder) = lost {
         return Err(WorkerError::IdLost {
@@ -410,7 +453,7 @@ async fn drain(
                 Ok(true) => requeued += 1,
                 Ok(false) => {}
                 Err(e) => {
-                    redis_down(shared, &e);
+                    redis_failed(shared, &e);
                     stranded += 1;
                 }
             }
@@ -431,9 +474,15 @@ async fn drain(
     }
 }
 
-fn redis_down(shared: &Shared, e: &QueueError) {
+/// A Redis call failed. An outage makes the worker not ready (until Redis
+/// answers again for a while); an error that waiting cannot fix (a key of
+/// the wrong type, a refused permission) is counted and logged, but Redis
+/// itself is up.
+fn redis_failed(shared: &Shared, e: &QueueError) {
     shared.metrics.redis_error(e.op());
-    if shared.readiness.redis_failed(&e.to_string()) {
+    if !e.is_outage() {
+        warn!(error = %e, "Redis refused a call");
+    } else if shared.readiness.redis_failed(&e.to_string()) {
         error!(error = %e, "Redis failing: not ready; retrying with backoff");
     } else {
         debug!(error = %e, "Redis still failing");
@@ -475,7 +524,7 @@ where
                 return Ok(v);
             }
             Err(e) if e.is_outage() => {
-                redis_down(shared, &e);
+                redis_failed(shared, &e);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next()) => {}
                     _ = shared.abandon.cancelled() => return Err(Undone::Abandoned),
@@ -504,7 +553,11 @@ async fn sleep_or_cancel(d: Duration, token: &CancellationToken) {
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let every = Duration::from_millis(shared.cfg.heartbeat_ms);
     let ttl = Duration::from_millis(shared.cfg.heartbeat_ttl_ms);
-    let started = Instant::now();
+    // Since when the heartbeat has gone through every time. Only this
+    // worker's own beats count: what other calls run into (a key someone
+    // set to the wrong type, a telemetry read) says nothing of whether the
+    // other workers could beat.
+    let mut beating_since = Instant::now();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -525,15 +578,12 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                 return;
             }
             Err(e) => {
-                redis_down(&shared, &e);
+                redis_failed(&shared, &e);
+                beating_since = Instant::now();
                 continue;
             }
         }
-        let connected_since = shared
-            .readiness
-            .last_redis_failure()
-            .map_or(started, |failed| failed.max(started));
-        if connected_since.elapsed() < ttl {
+        if beating_since.elapsed() < ttl {
             continue;
         }
         match shared.queue.reap(ttl).await {
@@ -546,7 +596,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                 );
                 shared.metrics.requeued("reaped", moved);
             }
-            Err(e) => redis_down(&shared, &e),
+            Err(e) => redis_failed(&shared, &e),
         }
     }
 }
@@ -574,7 +624,7 @@ async fn depth_reporter(shared: Arc<Shared>, shutdown: CancellationToken) {
                 redis_up(&shared);
                 shared.metrics.queue_depths(q, d, p);
             }
-            Err(e) => redis_down(&shared, &e),
+            Err(e) => redis_failed(&shared, &e),
         }
     }
 }
@@ -611,6 +661,47 @@ async fn deliver(
     result: &mut JobResult,
     dead: Option<String>,
 ) -> Done {
+    let e = match push(shared, to, result, dead).await {
+        Ok(done) => return done,
+        Err(e) => e,
+    };
+    error!(error = %e, "Redis refused the result; answering internal_error on the default key instead");
+    let why = format!("the result could not be delivered: {e}");
+    let mut failed = JobResult::not_run(
+        to.id,
+        Status::InternalError,
+        why.clone(),
+        &shared.cfg.worker_id,
+    );
+    failed.attempt = result.attempt;
+    failed.language = result.language;
+    let default_key = shared.queue.keys.result(to.id);
+    let to = Destination {
+        reply_key: &default_key,
+        ..*to
+    };
+    let dead = shared.queue.dead_entry(to.raw, &why, Some(to.id));
+    match push(shared, &to, &mut failed, Some(dead)).await {
+        // What the client gets is not this result.
+        Ok(Done::Delivered) => {
+            shared.metrics.dead_letter("undeliverable");
+            Done::Dropped
+        }
+        Ok(done) => done,
+        Err(e) => {
+            error!(error = %e, "Redis refused the fallback too; the job stays in the processing list");
+            Done::Dropped
+        }
+    }
+}
+
+/// One try at `deliver`'s completion: `Err` when Redis refused it.
+async fn push(
+    shared: &Shared,
+    to: &Destination<'_>,
+    result: &mut JobResult,
+    dead: Option<String>,
+) -> Result<Done, QueueError> {
     let json = result.to_json_within(shared.queue.max_result_bytes());
     let if_unusable = JobResult::not_run(
         to.id,
@@ -641,70 +732,54 @@ async fn deliver(
         tries += 1;
         shared.queue.complete(&completion)
     });
-    match pushed.await {
+    Ok(match pushed.await {
         // A try that failed on the client may have gone through on Redis:
         // then this one finds the job gone, and the result is in place.
         Ok((Completed::NotHeld, _)) if tries > 1 => {
             info!("an earlier try of this delivery went through");
             Done::Delivered
         }
+        Ok((Completed::Undeliverable, _)) => {
+            let why = format!(
+                "the result could not be delivered: neither the reply key {:?} nor {:?} holds a list",
+                to.reply_key,
+                shared.queue.keys.result(to.id)
+            );
+            error!("{why}; dead-lettered");
+            dead_letter(shared, to.raw, Some(to.id), &why, "undeliverable").await
+        }
         Ok((outcome, trimmed)) => completed(shared, outcome, trimmed, to.reply_key),
         Err(Undone::Abandoned) => Done::Stopped,
-        Err(Undone::Refused(e)) => {
-            error!(error = %e, "Redis refused the result; answering internal_error on the default key instead");
-            let reason = format!("the result could not be delivered: {e}");
-            let mut failed = JobResult::not_run(
-                to.id,
-                Status::InternalError,
-                reason.clone(),
-                &shared.cfg.worker_id,
-            );
-            failed.attempt = result.attempt;
-            failed.language = result.language;
-            let json = failed.to_json();
-            let default_key = shared.queue.keys.result(to.id);
-            let fallback = Completion {
-                raw: to.raw,
-                id: Some(to.id),
-                reply: Some(Reply {
-                    key: &default_key,
-                    json: &json,
-                    ttl_s: to.ttl_s,
-                    remember: false,
-                    status: Status::InternalError.as_str(),
-                    if_unusable: "",
-                }),
-                dead: Some(shared.queue.dead_entry(to.raw, &reason, Some(to.id))),
-                dead_max: shared.cfg.dead_letter_max,
-            };
-            match until_done(shared, || shared.queue.complete(&fallback)).await {
-                Ok((outcome, trimmed)) => {
-                    shared.metrics.dead_letter("undeliverable");
-                    completed(shared, outcome, trimmed, &default_key);
-                    // What the client gets is not this result.
-                    Done::Dropped
-                }
-                Err(Undone::Abandoned) => Done::Stopped,
-                Err(Undone::Refused(e)) => {
-                    error!(error = %e, "Redis refused the fallback too; the job stays in the processing list");
-                    Done::Dropped
-                }
-            }
-        }
-    }
+        Err(Undone::Refused(e)) => return Err(e),
+    })
 }
 
-/// Record a dead letter for a payload that is not a job, and drop it.
-async fn dead_letter(shared: &Shared, raw: &[u8], reason: &str) -> Done {
+/// Record a dead letter for a payload and drop it from the processing list:
+/// one that is not a job, or whose result nothing could take. A payload
+/// Redis refuses even this for stays in the processing list, where the
+/// next reconciliation finds it; if that keeps failing, the log says so.
+async fn dead_letter(
+    shared: &Shared,
+    raw: &[u8],
+    id: Option<&str>,
+    reason: &str,
+    metric: &'static str,
+) -> Done {
     let completion = Completion {
         raw,
-        id: None,
+        id,
         reply: None,
-        dead: Some(shared.queue.dead_entry(raw, reason, None)),
+        dead: Some(shared.queue.dead_entry(raw, reason, id)),
         dead_max: shared.cfg.dead_letter_max,
     };
     match until_done(shared, || shared.queue.complete(&completion)).await {
-        Ok((outcome, trimmed)) => completed(shared, outcome, trimmed, ""),
+        Ok((outcome, trimmed)) => {
+            let done = completed(shared, outcome, trimmed, "");
+            if done == Done::Delivered {
+                shared.metrics.dead_letter(metric);
+            }
+            done
+        }
         Err(Undone::Abandoned) => Done::Stopped,
         Err(Undone::Refused(e)) => {
             error!(error = %e, "Redis refused the dead letter; the payload stays in the processing list");
@@ -734,6 +809,9 @@ fn completed(shared: &Shared, outcome: Completed, trimmed: u64, reply_key: &str)
             warn!("this worker no longer holds the job (it was reaped and handed on); its result is dropped");
             Done::Dropped
         }
+        // Nothing was written; only a dead-letter call gets here (its
+        // default key is not looked at), so this does not happen.
+        Completed::Undeliverable => Done::Dropped,
     }
 }
 
@@ -741,11 +819,9 @@ fn completed(shared: &Shared, outcome: Completed, trimmed: u64, reply_key: &str)
 async fn reject(shared: &Shared, to: &Destination<'_>, language: &str, message: String) -> Done {
     info!(error = %message, "job rejected");
     let mut result = JobResult::not_run(to.id, Status::Rejected, message, &shared.cfg.worker_id);
-    let done = deliver(shared, to, &mut result, None).await;
-    if done == Done::Delivered {
-        shared.metrics.job_finished(language, Status::Rejected);
-    }
-    done
+    // Counted when decided, before the client can see it.
+    shared.metrics.job_finished(language, Status::Rejected);
+    deliver(shared, to, &mut result, None).await
 }
 
 async fn handle(shared: Arc<Shared>, raw: Vec<u8>, in_flight: Arc<InFlight>) {
@@ -761,11 +837,7 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         Ok(job) => job,
         Err(JobError::Unreadable(reason)) => {
             warn!(%reason, bytes = raw.len(), "payload is not a job: dead-lettered");
-            let done = dead_letter(shared, raw, &reason).await;
-            if done == Done::Delivered {
-                shared.metrics.dead_letter("unreadable");
-            }
-            return done;
+            return dead_letter(shared, raw, None, &reason, "unreadable").await;
         }
         Err(JobError::Invalid {
             id,
@@ -817,7 +889,7 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
         };
         // Count the delivery (or find the id answered, or its reply key unusable).
         let delivery = uuid::Uuid::new_v4().to_string();
-        let begun = until_done(shared, || shared.queue.begin(&job.id, &reply_key, &delivery));
+        let begun = until_done(shared, || shared.queue.begin(raw, &job.id, &reply_key, &delivery));
         let (attempt, now_ms) = match begun.await {
             Ok(Begin::Run { attempt, now_ms }) => (attempt, now_ms),
             Ok(Begin::Answered) => {
@@ -830,6 +902,11 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
                     Err(Undone::Abandoned) => Done::Stopped,
                     _ => Done::Dropped,
                 };
+            }
+            Ok(Begin::NotHeld) => {
+                // Reaped while it waited for a slot: another worker runs it.
+                warn!("this worker no longer holds the job (it was reaped and handed on); not run");
+                return Done::Dropped;
             }
             Ok(Begin::UnusableReplyKey { .. }) => {
                 let to = Destination { reply_key: &default_key, ..to };
@@ -858,12 +935,9 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             let mut result = JobResult::not_run(&job.id, Status::InternalError, reason.clone(), &cfg.worker_id);
             result.attempt = attempt;
             let dead = shared.queue.dead_entry(raw, &reason, Some(&job.id));
-            let done = deliver(shared, &to, &mut result, Some(dead)).await;
-            if done == Done::Delivered {
-                shared.metrics.dead_letter("max_attempts");
-                shared.metrics.job_finished(language, Status::InternalError);
-            }
-            return done;
+            shared.metrics.dead_letter("max_attempts");
+            shared.metrics.job_finished(language, Status::InternalError);
+            return deliver(shared, &to, &mut result, Some(dead)).await;
         }
         if let Some(at) = job.enqueued_at_ms {
             shared
@@ -907,6 +981,8 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
                 r
             }
         };
+        // Counted when the run ends, before the client can see its result.
+        shared.metrics.job_finished(language, result.status);
         info!(
             status = result.status.as_str(),
             duration_ms = result.duration_ms,
@@ -923,15 +999,11 @@ async fn handle_job(shared: &Arc<Shared>, raw: &[u8], in_flight: &InFlight) -> D
             drop(slot);
             ran.elapsed()
         };
-        let status = result.status;
         let deliver = async {
             let done = deliver(shared, &to, &mut result, None).await;
             (done, ran.elapsed())
         };
         let (settled, (done, delivered)) = tokio::join!(free_slot, deliver);
-        if done == Done::Delivered {
-            shared.metrics.job_finished(language, status);
-        }
         debug!(
             before_run_ms = (started - taken).as_secs_f64() * 1e3,
             run_ms = (ran - started).as_secs_f64() * 1e3,

@@ -561,16 +561,156 @@ fn done_markers_are_small_and_the_dead_list_is_capped() {
     for i in 0..12 {
         push_raw(&mut c, &p, &format!("not json {i}"));
     }
+    // A big one keeps its first 16 KiB and says how long it was.
+    push_raw(&mut c, &p, &"\u{1}".repeat(100_000));
     assert_status(&py(&mut c, &p, "print(1)"), "ok");
     let payloads: Vec<String> = dead_letters(&mut c, &p)
         .iter()
         .map(|e| text(e, "payload"))
         .collect();
-    let newest: Vec<String> = (7..12).map(|i| format!("not json {i}")).collect();
-    assert_eq!(payloads, newest, "the newest five are kept");
+    let newest: Vec<String> = (8..12).map(|i| format!("not json {i}")).collect();
+    assert_eq!(payloads[..4], newest, "the newest five are kept");
+    let big = &dead_letters(&mut c, &p)[4];
+    assert_eq!(big["payload_bytes"], 100_000);
+    assert_eq!(text(big, "payload").len(), 16 * 1024);
     let (_, metrics) = http_get(port, "/metrics").unwrap();
     assert!(
-        metrics.contains("sandq_dead_letters_trimmed_total 7"),
+        metrics.contains("sandq_dead_letters_trimmed_total 8"),
         "{metrics}"
     );
+}
+
+#[test]
+fn a_silent_redis_does_not_keep_a_worker_from_stopping() {
+    if redis().is_none() {
+        return;
+    }
+    let server = OwnRedis::start(&[]);
+    let p = prefix("silent");
+    let mut w = Worker::start_on(
+        &server.url(),
+        &p,
+        "w-silent",
+        &["--concurrency", "1", "--shutdown-grace-ms", "1500"],
+    );
+    // Redis stops answering (its connections stay open) while the idle
+    // worker waits in a blocking fetch: the fetch must not wait for it.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = nix::unistd::Pid::from_raw(server.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    w.signal(libc::SIGTERM);
+    let code = w.wait(Duration::from_secs(30));
+    let took = asked.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(
+        code,
+        Some(0),
+        "stops while Redis is silent; log:\n{}",
+        w.log()
+    );
+    println!("SIGTERM with Redis silent: exited after {took:?}");
+}
+
+#[test]
+fn a_key_of_the_wrong_type_does_not_stop_the_reaper() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("wrongtype-reaper");
+    // Anyone who can write the dead list's key can break the depth gauges:
+    // that must not keep the reaper from recovering a dead worker's jobs.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}:dead"))
+        .arg("not a list")
+        .query(&mut c)
+        .unwrap();
+    let beat = ["--heartbeat-ms", "500", "--heartbeat-ttl-ms", "3000"];
+    let args = with(&beat, &["--concurrency", "1"]);
+    let a = Worker::start_with_id(&p, "w-a", &args).keep_keys();
+    let code = "import time\ntime.sleep(1)\nprint('done')";
+    push(
+        &mut c,
+        &p,
+        &json!({"id": "r1", "language": "python3", "code": code}),
+    );
+    wait_for("A takes r1", Duration::from_secs(10), || {
+        holds(&mut c, &p, "w-a")
+    });
+    a.signal(libc::SIGKILL);
+    drop(a);
+    let _b = Worker::start_with_id(&p, "w-b", &args);
+    let r = result(&mut c, &p, "r1", Duration::from_secs(40));
+    assert_status(&r, "ok");
+    assert_eq!(r["worker"], "w-b", "{r}");
+}
+
+#[test]
+fn jobs_survive_a_queue_key_of_the_wrong_type() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("queue-type");
+    let args = with(&FAST, &["--concurrency", "2"]);
+    let a = Worker::start_with_id(&p, "w-a", &args).keep_keys();
+    let code = "import time\ntime.sleep(10)\nprint('done')";
+    for id in ["q1", "q2"] {
+        push(
+            &mut c,
+            &p,
+            &json!({"id": id, "language": "python3", "code": code, "timeout_ms": 20000}),
+        );
+    }
+    wait_for("A takes both", Duration::from_secs(10), || {
+        llen(&mut c, &format!("{p}:processing:w-a")) == 2
+    });
+    // The queue becomes a string, then A dies: its jobs cannot go back to
+    // the queue, and must not be lost on the way.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}:queue"))
+        .arg("not a list")
+        .query(&mut c)
+        .unwrap();
+    a.signal(libc::SIGKILL);
+    drop(a);
+    let _b = Worker::start_with_id(&p, "w-b", &args);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        llen(&mut c, &format!("{p}:processing:w-a")),
+        2,
+        "both jobs are still in the dead worker's list"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{p}:queue"))
+        .query(&mut c)
+        .unwrap();
+    let ids = ["q1".to_owned(), "q2".to_owned()];
+    let results = collect(&mut c, &p, &ids, Duration::from_secs(60));
+    for id in &ids {
+        assert_status(&results[id], "ok");
+    }
+}
+
+#[test]
+fn a_result_nothing_can_take_is_dead_lettered() {
+    let Some(mut c) = redis() else { return };
+    let p = prefix("no-taker");
+    let _w = Worker::start(&p, &["--concurrency", "1"]);
+    for key in [format!("{p}:result:custom"), format!("{p}:result:n1")] {
+        let _: () = redis::cmd("HSET")
+            .arg(key)
+            .arg("f")
+            .arg("v")
+            .query(&mut c)
+            .unwrap();
+    }
+    push(
+        &mut c,
+        &p,
+        &json!({"id": "n1", "language": "python3", "code": "print(1)", "reply_to": format!("{p}:result:custom")}),
+    );
+    wait_for("the dead letter", Duration::from_secs(30), || {
+        llen(&mut c, &format!("{p}:dead")) == 1
+    });
+    let dead = dead_letters(&mut c, &p);
+    assert_eq!(dead[0]["id"], "n1");
+    assert!(text(&dead[0], "reason").contains("nor"), "{}", dead[0]);
+    assert_eq!(processing_total(&mut c, &p), 0);
 }

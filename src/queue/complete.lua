@@ -25,38 +25,43 @@
 -- are not remembered, so a corrected job may reuse the id.
 --
 -- Everything that could fail is checked before the first write: a script
--- that fails midway keeps the writes it made.
+-- that fails midway keeps the writes it made. The first write is the push to
+-- the reply key (an ACL may refuse it); the done marker comes after it, so
+-- an id is never marked done without its result.
 --
 -- Returns {outcome, dead-letter entries trimmed}; outcome 1 pushed to the
 -- reply key, 0 not pushed (the id already had its result), -1 not held
 -- (nothing written), 2 the reply key is not a list: the `rejected` result
--- went to the default key instead.
+-- went to the default key instead, 3 neither key can take a list: nothing
+-- written (the caller dead-letters the job).
 if not redis.call('LPOS', KEYS[2], ARGV[3]) then
   return {-1, 0}
 end
-local outcome = 1
-local target, result, remember = KEYS[1], ARGV[1], ARGV[5] == '1'
 local function usable(key)
   local kind = redis.call('TYPE', key)['ok']
   return kind == 'none' or kind == 'list'
 end
+local outcome = 1
+local target, result, remember = KEYS[1], ARGV[1], ARGV[5] == '1'
 if result ~= '' and not usable(target) then
   outcome, target, result, remember = 2, KEYS[5], ARGV[7], false
   if not usable(target) then
-    result = ''
+    return {3, 0}
   end
 end
 local dead = ARGV[8]
 if dead ~= '' and not usable(KEYS[6]) then
   return redis.error_reply('dead-letter key ' .. KEYS[6] .. ' is not a list')
 end
+if remember and redis.call('EXISTS', KEYS[3]) == 1 then
+  outcome, result = 0, ''
+end
 
 if result ~= '' then
-  if remember and not redis.call('SET', KEYS[3], ARGV[6], 'NX', 'EX', ARGV[2]) then
-    outcome = 0
-  else
-    redis.call('RPUSH', target, result)
-    redis.call('EXPIRE', target, ARGV[2])
+  redis.call('RPUSH', target, result)
+  redis.call('EXPIRE', target, ARGV[2])
+  if remember then
+    redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[2])
   end
 end
 local trimmed = 0

@@ -13,11 +13,9 @@ local held = redis.call('GET', KEYS[3])
 if held and held ~= ARGV[2] then
   return -1
 end
+-- LMOVE checks both lists' types before it moves anything.
 local moved = 0
-while true do
-  local job = redis.call('RPOP', KEYS[1])
-  if not job then break end
-  redis.call('LPUSH', KEYS[2], job)
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do
   moved = moved + 1
 end
 redis.call('DEL', KEYS[3])

@@ -15,6 +15,10 @@ local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then
   return 0
 end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'none' and kind ~= 'zset' then
+  return redis.error_reply('worker registry ' .. KEYS[2] .. ' is not a sorted set')
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

@@ -15,16 +15,21 @@
 //! 6. every worker beats and reaps (`heartbeat.lua`, `reap.lua`) on Redis'
 //!    clock: the jobs of a worker whose heartbeat expired go back to the queue.
 //!
-//! Blocking commands run on a connection of their own with no client-side
-//! response timeout: a client timeout shorter than the block time makes the
-//! client give up while the server still moves the job, and the job would sit
-//! in the processing list with nobody running it.
+//! Every call has a deadline of its own, scaled to the bytes it sends
+//! ([`deadline`]): the client library's fixed response timeout (500 ms) would
+//! abort a large result half-sent, and retry it from scratch forever on a slow
+//! link. A call past its deadline is an outage: its connection is dropped and
+//! the call retried. Blocking commands run on a connection of their own:
+//! a client timeout shorter than the block time makes the client give up
+//! while the server still moves the job, and the job would sit in the
+//! processing list with nobody running it. After such a timeout the worker
+//! reconciles its processing list (see `worker`).
 
 mod keys;
 
 pub use keys::Keys;
 
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, Script, ServerErrorKind};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +39,17 @@ use std::time::Duration;
 /// Largest bulk string Redis accepts unless configured otherwise
 /// (`proto-max-bulk-len`).
 pub const DEFAULT_MAX_BULK: usize = 512 * 1024 * 1024;
+/// What any call may take, before the time its bytes need.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// The slowest link a call's bytes are allowed for: 1 MiB/s.
+const SLOWEST_LINK: f64 = 1024.0 * 1024.0;
+/// Longest a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a call that sends `bytes` may take before it counts as an outage.
+pub fn deadline(bytes: usize) -> Duration {
+    CALL_TIMEOUT + Duration::from_secs_f64(bytes as f64 / SLOWEST_LINK)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -53,6 +69,8 @@ pub enum QueueError {
     },
     #[error("Redis {op}: no connection from the pool: {message}")]
     Connection { op: &'static str, message: String },
+    #[error("Redis {op}: no answer within {after:?}")]
+    Timeout { op: &'static str, after: Duration },
 }
 
 /// Every name [`QueueError::op`] can return: `sandq_redis_errors_total`
@@ -77,7 +95,9 @@ impl QueueError {
     /// The operation that failed, for the errors metric.
     pub fn op(&self) -> &'static str {
         match self {
-            QueueError::Redis { op, .. } | QueueError::Connection { op, .. } => op,
+            QueueError::Redis { op, .. }
+            | QueueError::Connection { op, .. }
+            | QueueError::Timeout { op, .. } => op,
             QueueError::Url { .. } | QueueError::Pool(_) => "connect",
         }
     }
@@ -89,11 +109,25 @@ impl QueueError {
     /// those would loop forever.
     pub fn is_outage(&self) -> bool {
         let QueueError::Redis { source, .. } = self else {
-            // No connection at all (or no pool yet): Redis is away.
-            return matches!(self, QueueError::Connection { .. } | QueueError::Pool(_));
+            // No connection at all, or no answer in time: Redis is away.
+            return matches!(
+                self,
+                QueueError::Connection { .. } | QueueError::Pool(_) | QueueError::Timeout { .. }
+            );
         };
         match source.kind() {
             ErrorKind::Io | ErrorKind::Parse | ErrorKind::AuthenticationFailed => true,
+            // Redis before 7.0 wraps an error raised inside a script:
+            // "ERR Error running script ...: -OOM command not allowed ...".
+            ErrorKind::Server(ServerErrorKind::ResponseError) => {
+                source.detail().is_some_and(|detail| {
+                    detail.starts_with("Error running script")
+                        && OUTAGE_CODES
+                            .iter()
+                            .chain(&["READONLY", "MASTERDOWN", "TRYAGAIN"])
+                            .any(|code| detail.contains(&format!("-{code} ")))
+                })
+            }
             ErrorKind::Server(kind) => matches!(
                 kind,
                 ServerErrorKind::BusyLoading
@@ -102,14 +136,14 @@ impl QueueError {
                     | ServerErrorKind::MasterDown
                     | ServerErrorKind::ReadOnly
             ),
-            ErrorKind::Extension => matches!(
-                source.code(),
-                Some("OOM" | "BUSY" | "NOREPLICAS" | "MISCONF" | "LOADING")
-            ),
+            ErrorKind::Extension => OUTAGE_CODES.contains(&source.code().unwrap_or("")),
             _ => false,
         }
     }
 }
+
+/// Error codes Redis answers while it cannot serve for now.
+const OUTAGE_CODES: &[&str] = &["OOM", "BUSY", "NOREPLICAS", "MISCONF", "LOADING"];
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> QueueError {
     move |source| QueueError::Redis { op, source }
@@ -188,6 +222,9 @@ pub enum Completed {
     /// This worker no longer holds the job (it was reaped and handed to
     /// another worker): nothing was written.
     NotHeld,
+    /// Neither the reply key nor the default key can take a list: nothing
+    /// was written (the caller dead-letters the job).
+    Undeliverable,
 }
 
 impl Queue {
@@ -196,8 +233,18 @@ impl Queue {
             url: url.to_owned(),
             source,
         })?;
-        let pool = PoolConfig::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
+        // No response timeout in the client: each call brings its own (see
+        // `deadline`).
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(None);
+        let manager = Manager::new_with_config(url, config).map_err(|source| QueueError::Url {
+            url: url.to_owned(),
+            source,
+        })?;
+        let pool = Pool::builder(manager)
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(|e| QueueError::Pool(e.to_string()))?;
         let host = nix::unistd::gethostname()
             .ok()
@@ -242,21 +289,32 @@ impl Queue {
         Ok(conn)
     }
 
-    /// `redis_err`, and the shared connection is dropped: the next operation
-    /// takes a fresh (pinged) one from the pool.
-    fn failed(&self, op: &'static str) -> impl FnOnce(redis::RedisError) -> QueueError + '_ {
-        move |source| {
-            if let Ok(mut shared) = self.shared.lock() {
-                *shared = None;
-            }
-            QueueError::Redis { op, source }
+    /// Run one call that sends about `bytes`, within its [`deadline`]. On
+    /// an error or past the deadline the shared connection is dropped: the
+    /// next call takes a fresh (pinged) one from the pool.
+    async fn within<T>(
+        &self,
+        op: &'static str,
+        bytes: usize,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, QueueError> {
+        let after = deadline(bytes);
+        let failed = match tokio::time::timeout(after, call).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(source)) => QueueError::Redis { op, source },
+            Err(_) => QueueError::Timeout { op, after },
+        };
+        if let Ok(mut shared) = self.shared.lock() {
+            *shared = None;
         }
+        Err(failed)
     }
 
-    /// A dedicated connection for blocking commands: no response timeout.
+    /// A dedicated connection for blocking commands: no response timeout
+    /// (the caller bounds each call).
     pub async fn blocking_connection(&self) -> Result<MultiplexedConnection, QueueError> {
         let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(None);
         self.client
             .get_multiplexed_async_connection_with_config(&config)
@@ -264,34 +322,51 @@ impl Queue {
             .map_err(redis_err("connect"))
     }
 
-    /// Read `proto-max-bulk-len`, the largest argument Redis accepts, so that
-    /// no result is built that Redis would refuse. Where `CONFIG` is not
-    /// allowed (managed Redis, ACLs), Redis' default is assumed.
-    pub async fn read_limits(&self) -> Result<usize, QueueError> {
+    /// Read what the worker needs to know of this Redis: `proto-max-bulk-len`
+    /// (the largest argument it accepts, so that no result is built that it
+    /// would refuse), its version and its eviction policy. Where `CONFIG` is
+    /// not allowed (managed Redis, ACLs), the defaults are assumed.
+    pub async fn read_server(&self) -> Result<Server, QueueError> {
         let mut conn = self.conn("config").await?;
-        let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
+        let mut config = redis::cmd("CONFIG");
+        config
             .arg("GET")
             .arg("proto-max-bulk-len")
-            .query_async(&mut conn)
+            .arg("maxmemory-policy");
+        let reply: Result<Vec<String>, QueueError> = self
+            .within("config", 0, config.query_async(&mut conn))
             .await;
-        let limit = match reply {
-            Ok(pair) => pair
-                .get(1)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(DEFAULT_MAX_BULK),
-            Err(e) => {
-                let e = QueueError::Redis {
-                    op: "config",
-                    source: e,
-                };
-                if e.is_outage() {
-                    return Err(e);
-                }
-                DEFAULT_MAX_BULK
-            }
+        let settings = match reply {
+            Ok(pairs) => pairs,
+            Err(e) if e.is_outage() => return Err(e),
+            Err(_) => Vec::new(),
         };
-        self.max_bulk.store(limit, Ordering::Relaxed);
-        Ok(limit)
+        let setting = |name: &str| {
+            settings
+                .chunks(2)
+                .find(|kv| kv[0] == name)
+                .and_then(|kv| kv.get(1).cloned())
+        };
+        let max_bulk = setting("proto-max-bulk-len")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MAX_BULK);
+        self.max_bulk.store(max_bulk, Ordering::Relaxed);
+        let mut conn = self.conn("config").await?;
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let info: String = self
+            .within("config", 0, info.query_async(&mut conn))
+            .await?;
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default();
+        Ok(Server {
+            version,
+            max_bulk,
+            eviction: setting("maxmemory-policy"),
+        })
     }
 
     /// The largest result JSON to send: Redis' bulk limit less room for the
@@ -303,46 +378,54 @@ impl Queue {
             .max(64 * 1024)
     }
 
-    /// Take the next job, waiting up to `block`. `None` when the queue stayed empty.
+    /// Take the next job, waiting up to `block`. `None` when the queue stayed
+    /// empty. Bounded: a connection that went silent (a frozen Redis, a
+    /// dropped NAT entry) fails after `block` plus a [`deadline`], and the
+    /// caller reconciles (a job may have been moved without us seeing it).
     pub async fn fetch(
         &self,
         conn: &mut MultiplexedConnection,
         block: Duration,
     ) -> Result<Option<Vec<u8>>, QueueError> {
-        redis::cmd("BLMOVE")
-            .arg(self.keys.queue())
+        let mut cmd = redis::cmd("BLMOVE");
+        cmd.arg(self.keys.queue())
             .arg(self.keys.processing(&self.worker_id))
             .arg("LEFT")
             .arg("RIGHT")
-            .arg(block.as_secs_f64())
-            .query_async(conn)
-            .await
-            .map_err(redis_err("fetch"))
+            .arg(block.as_secs_f64());
+        let after = block + deadline(0);
+        match tokio::time::timeout(after, cmd.query_async(conn)).await {
+            Ok(reply) => reply.map_err(redis_err("fetch")),
+            Err(_) => Err(QueueError::Timeout { op: "fetch", after }),
+        }
     }
 
-    /// Start a delivery of job `id` whose result goes to `reply_key`;
-    /// `delivery` is unique to this fetch, so that a retried call counts the
-    /// delivery once.
+    /// Start a delivery of job `id`, taken as `raw`, whose result goes to
+    /// `reply_key`; `delivery` is unique to this fetch, so that a retried
+    /// call counts the delivery once.
     pub async fn begin(
         &self,
+        raw: &[u8],
         id: &str,
         reply_key: &str,
         delivery: &str,
     ) -> Result<Begin, QueueError> {
         let mut conn = self.conn("begin").await?;
-        let (attempt, done, reply_ok, now): (u32, Option<String>, u8, RedisTimeMs) = self
-            .begin
-            .key(self.keys.attempts())
+        let mut call = self.begin.prepare_invoke();
+        call.key(self.keys.attempts())
             .key(self.keys.done(id))
             .key(reply_key)
+            .key(self.keys.processing(&self.worker_id))
             .arg(id)
             .arg(delivery)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(self.failed("begin"))?;
-        Ok(match (done, reply_ok) {
+            .arg(raw);
+        let (attempt, done, state, now): (u32, Option<String>, u8, RedisTimeMs) = self
+            .within("begin", raw.len(), call.invoke_async(&mut conn))
+            .await?;
+        Ok(match (done, state) {
             (Some(_), _) => Begin::Answered,
-            (None, 0) => Begin::UnusableReplyKey { now_ms: now },
+            (None, 0) => Begin::NotHeld,
+            (None, 2) => Begin::UnusableReplyKey { now_ms: now },
             (None, _) => Begin::Run {
                 attempt: attempt.max(1),
                 now_ms: now,
@@ -358,56 +441,56 @@ impl Queue {
         let id = c.id.unwrap_or("");
         let default_key = self.keys.result(id);
         let mut call = self.complete.prepare_invoke();
-        match &c.reply {
-            Some(r) => call
-                .key(r.key)
-                .key(self.keys.processing(&self.worker_id))
-                .key(self.keys.done(id))
-                .key(self.keys.attempts())
-                .key(&default_key)
-                .key(self.keys.dead())
-                .arg(r.json)
-                .arg(r.ttl_s)
-                .arg(c.raw)
-                .arg(id)
-                .arg(if r.remember { "1" } else { "0" })
-                .arg(r.status)
-                .arg(r.if_unusable),
-            None => call
-                .key(&default_key)
-                .key(self.keys.processing(&self.worker_id))
-                .key(self.keys.done(id))
-                .key(self.keys.attempts())
-                .key(&default_key)
-                .key(self.keys.dead())
-                .arg("")
-                .arg(1)
-                .arg(c.raw)
-                .arg(id)
-                .arg("0")
-                .arg("")
-                .arg(""),
+        let (key, json, ttl_s, remember, status, if_unusable) = match &c.reply {
+            Some(r) => (r.key, r.json, r.ttl_s, r.remember, r.status, r.if_unusable),
+            None => (default_key.as_str(), "", 1, false, "", ""),
         };
-        let (outcome, trimmed): (i64, u64) = call
+        call.key(key)
+            .key(self.keys.processing(&self.worker_id))
+            .key(self.keys.done(id))
+            .key(self.keys.attempts())
+            .key(&default_key)
+            .key(self.keys.dead())
+            .arg(json)
+            .arg(ttl_s)
+            .arg(c.raw)
+            .arg(id)
+            .arg(if remember { "1" } else { "0" })
+            .arg(status)
+            .arg(if_unusable)
             .arg(c.dead.as_deref().unwrap_or(""))
-            .arg(c.dead_max)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(self.failed("complete"))?;
+            .arg(c.dead_max);
+        let bytes = c.raw.len() + json.len() + c.dead.as_ref().map_or(0, String::len);
+        let (outcome, trimmed): (i64, u64) = self
+            .within("complete", bytes, call.invoke_async(&mut conn))
+            .await?;
         let outcome = match outcome {
             1 => Completed::Pushed,
             0 => Completed::AlreadyAnswered,
             2 => Completed::Redirected,
+            3 => Completed::Undeliverable,
             _ => Completed::NotHeld,
         };
         Ok((outcome, trimmed))
     }
 
-    /// A dead-letter entry: `{"reason", "payload", "id", "worker", "at_ms"}`.
+    /// A dead-letter entry: `{"reason", "payload", "payload_bytes", "id",
+    /// "worker", "at_ms"}`, with at most [`DEAD_PAYLOAD_BYTES`] of the payload
+    /// (`payload_bytes` says how long it was), so that the dead list's
+    /// memory is bounded by its cap times that.
     pub fn dead_entry(&self, raw: &[u8], reason: &str, id: Option<&str>) -> String {
+        let mut kept = &raw[..raw.len().min(DEAD_PAYLOAD_BYTES)];
+        // Cut at a character boundary where the payload is text.
+        while let Err(e) = std::str::from_utf8(kept) {
+            if e.error_len().is_some() {
+                break;
+            }
+            kept = &kept[..e.valid_up_to()];
+        }
         serde_json::json!({
             "reason": reason,
-            "payload": String::from_utf8_lossy(raw),
+            "payload": String::from_utf8_lossy(kept),
+            "payload_bytes": raw.len(),
             "id": id,
             "worker": self.worker_id,
             "at_ms": now_ms(),
@@ -418,16 +501,15 @@ impl Queue {
     /// Put a job back at the head of the queue, uncounted (shutdown).
     pub async fn requeue(&self, raw: &[u8], id: Option<&str>) -> Result<bool, QueueError> {
         let mut conn = self.conn("requeue").await?;
-        let moved: i64 = self
-            .requeue
-            .key(self.keys.queue())
+        let mut call = self.requeue.prepare_invoke();
+        call.key(self.keys.queue())
             .key(self.keys.processing(&self.worker_id))
             .key(self.keys.attempts())
             .arg(raw)
-            .arg(id.unwrap_or(""))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(self.failed("requeue"))?;
+            .arg(id.unwrap_or(""));
+        let moved: i64 = self
+            .within("requeue", raw.len(), call.invoke_async(&mut conn))
+            .await?;
         Ok(moved == 1)
     }
 
@@ -436,41 +518,37 @@ impl Queue {
     /// another live process holds the id.
     pub async fn heartbeat(&self, ttl: Duration) -> Result<bool, QueueError> {
         let mut conn = self.conn("heartbeat").await?;
-        let ours: i64 = self
-            .heartbeat
-            .key(self.keys.worker(&self.worker_id))
+        let mut call = self.heartbeat.prepare_invoke();
+        call.key(self.keys.worker(&self.worker_id))
             .key(self.keys.workers())
             .arg(&self.instance)
             .arg(ttl.as_millis() as u64)
-            .arg(&self.worker_id)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(self.failed("heartbeat"))?;
+            .arg(&self.worker_id);
+        let ours: i64 = self
+            .within("heartbeat", 0, call.invoke_async(&mut conn))
+            .await?;
         Ok(ours == 1)
     }
 
     /// Who holds this worker's id now (the heartbeat value), if anyone.
     pub async fn id_holder(&self) -> Result<Option<String>, QueueError> {
         let mut conn = self.conn("heartbeat").await?;
-        redis::cmd("GET")
-            .arg(self.keys.worker(&self.worker_id))
-            .query_async(&mut conn)
+        let mut get = redis::cmd("GET");
+        get.arg(self.keys.worker(&self.worker_id));
+        self.within("heartbeat", 0, get.query_async(&mut conn))
             .await
-            .map_err(self.failed("heartbeat"))
     }
 
     /// Move the jobs of workers whose heartbeat expired back to the queue.
     /// Returns (jobs moved, workers reaped).
     pub async fn reap(&self, stale_after: Duration) -> Result<(u64, u64), QueueError> {
         let mut conn = self.conn("reap").await?;
-        self.reap
-            .key(self.keys.workers())
+        let mut call = self.reap.prepare_invoke();
+        call.key(self.keys.workers())
             .key(self.keys.queue())
             .arg(self.keys.prefix())
-            .arg(stale_after.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(self.failed("reap"))
+            .arg(stale_after.as_millis() as u64);
+        self.within("reap", 0, call.invoke_async(&mut conn)).await
     }
 
     /// Leave cleanly: hand back what is left, drop heartbeat and
@@ -478,54 +556,62 @@ impl Queue {
     /// is touched).
     pub async fn deregister(&self) -> Result<Option<u64>, QueueError> {
         let mut conn = self.conn("deregister").await?;
-        let moved: i64 = self
-            .deregister
-            .key(self.keys.processing(&self.worker_id))
+        let mut call = self.deregister.prepare_invoke();
+        call.key(self.keys.processing(&self.worker_id))
             .key(self.keys.queue())
             .key(self.keys.worker(&self.worker_id))
             .key(self.keys.workers())
             .arg(&self.worker_id)
-            .arg(&self.instance)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(self.failed("deregister"))?;
+            .arg(&self.instance);
+        let moved: i64 = self
+            .within("deregister", 0, call.invoke_async(&mut conn))
+            .await?;
         Ok(u64::try_from(moved).ok())
     }
 
     /// Everything in this worker's processing list.
     pub async fn processing_list(&self) -> Result<Vec<Vec<u8>>, QueueError> {
         let mut conn = self.conn("reconcile").await?;
-        redis::cmd("LRANGE")
+        let mut lrange = redis::cmd("LRANGE");
+        lrange
             .arg(self.keys.processing(&self.worker_id))
             .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
+            .arg(-1);
+        self.within("reconcile", 0, lrange.query_async(&mut conn))
             .await
-            .map_err(self.failed("reconcile"))
     }
 
     /// Whether Redis answers a PING.
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut conn = self.conn("ping").await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        let ping = redis::cmd("PING");
+        self.within("ping", 0, ping.query_async::<String>(&mut conn))
             .await
             .map(|_| ())
-            .map_err(self.failed("ping"))
     }
 
     /// Lengths of the queue, the dead list and this worker's processing list.
     pub async fn depths(&self) -> Result<(u64, u64, u64), QueueError> {
         let mut conn = self.conn("depth").await?;
-        redis::pipe()
-            .llen(self.keys.queue())
+        let mut pipe = redis::pipe();
+        pipe.llen(self.keys.queue())
             .llen(self.keys.dead())
-            .llen(self.keys.processing(&self.worker_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(self.failed("depth"))
+            .llen(self.keys.processing(&self.worker_id));
+        self.within("depth", 0, pipe.query_async(&mut conn)).await
     }
 }
+
+/// What the worker learned of its Redis at start-up.
+#[derive(Debug)]
+pub struct Server {
+    pub version: String,
+    pub max_bulk: usize,
+    /// `maxmemory-policy`, where `CONFIG` is allowed.
+    pub eviction: Option<String>,
+}
+
+/// Most bytes of a payload a dead-letter entry keeps.
+pub const DEAD_PAYLOAD_BYTES: usize = 16 * 1024;
 
 /// How a delivery starts.
 #[derive(Debug)]
@@ -537,6 +623,9 @@ pub enum Begin {
     /// The reply key holds something that is not a list: the result could
     /// not be delivered there, so the job is rejected without running.
     UnusableReplyKey { now_ms: RedisTimeMs },
+    /// This worker no longer holds the job (it was reaped while the job
+    /// waited for a slot): another worker runs it.
+    NotHeld,
 }
 
 /// The worker's clock, for what only informs (dead-letter entries).
@@ -573,6 +662,7 @@ mod tests {
             "READONLY You can't write against a read only replica.",
             "TRYAGAIN Multiple keys request during rehashing of slot",
             "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist",
+            "ERR Error running script (call to f_0123): @user_script:1: @user_script: 1: -OOM command not allowed when used memory > 'maxmemory'.",
         ] {
             assert!(redis_error(reply).is_outage(), "{reply}");
         }

@@ -9,9 +9,10 @@
 -- A suspect worker is dead only if its heartbeat key <p>:worker:<id> is gone
 -- (it has a TTL): a worker whose heartbeat is back is never reaped. Its
 -- processing list goes back to the HEAD of the queue in the order the jobs
--- were taken. Time is Redis' own (TIME), never a worker's clock. Keys are
--- built here from the prefix, so this script is for a single Redis (not
--- Cluster).
+-- were taken, one LMOVE at a time (it checks both lists' types before it
+-- moves anything, so a job is never lost between them). Time is Redis' own
+-- (TIME), never a worker's clock. Keys are built here from the prefix, so
+-- this script is for a single Redis (not Cluster).
 -- Returns {jobs moved, workers reaped}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -20,10 +21,7 @@ local moved, reaped = 0, 0
 for _, id in ipairs(suspects) do
   if redis.call('EXISTS', ARGV[1] .. ':worker:' .. id) == 0 then
     local processing = ARGV[1] .. ':processing:' .. id
-    while true do
-      local job = redis.call('RPOP', processing)
-      if not job then break end
-      redis.call('LPUSH', KEYS[2], job)
+    while redis.call('LMOVE', processing, KEYS[2], 'RIGHT', 'LEFT') do
       moved = moved + 1
     end
     redis.call('ZREM', KEYS[1], id)

@@ -304,9 +304,9 @@ pub struct Supervisor<'a> {
 /// Longest single `poll` while a job runs: how finely a stall of the
 /// supervisor itself is measured.
 const STALL_CHECK: Duration = Duration::from_millis(200);
-/// A `poll` that returns this much later than asked means this thread was
-/// not running (the worker was stopped or starved); the job gets that time
-/// back on its deadline.
+/// A turn of the loop that ends this much later than its `poll` was asked
+/// to wait means this thread was not running (the worker was stopped or
+/// starved); the job gets that time back on its deadline.
 const STALL_SLACK: Duration = Duration::from_millis(50);
 
 /// Most pipes a job is fed through (fd 3 and stdin).
@@ -414,8 +414,13 @@ impl Supervisor<'_> {
         let mut exit: Option<(i32, Usage, Option<CgroupReport>)> = None;
         // The deadline moves later by the time this thread was not running
         // (the worker stopped, or starved of CPU): a job blocked on a full
-        // pipe that nobody read meanwhile is not charged for it.
+        // pipe that nobody read meanwhile is not charged for it. Measured
+        // from one turn of the loop to the next, and at most by the job's
+        // whole timeout again: a job never runs past twice its timeout.
         let mut deadline = self.deadline;
+        let latest = self.deadline + self.deadline.saturating_duration_since(Instant::now());
+        // When the last `poll` began, and how long it was asked to wait.
+        let mut last_turn: Option<(Instant, Duration)> = None;
 
         loop {
             let streams_open = out.fd.is_some() || err.fd.is_some();
@@ -425,6 +430,12 @@ impl Supervisor<'_> {
                 }
             }
             let now = Instant::now();
+            if let Some((began, asked)) = last_turn {
+                let overslept = now.saturating_duration_since(began).saturating_sub(asked);
+                if overslept > STALL_SLACK {
+                    deadline = (deadline + overslept).min(latest);
+                }
+            }
             if !killed && now >= deadline {
                 timed_out = true;
                 killed = true;
@@ -467,13 +478,9 @@ impl Supervisor<'_> {
                 add(5, fd, libc::POLLIN, &mut pfds);
             }
             let ms = wait.as_millis().min(i32::MAX as u128) as i32;
-            let polled = Instant::now();
+            last_turn = Some((Instant::now(), wait));
             // SAFETY: pfds is a live Vec of pollfd; its length is passed.
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms.max(1)) };
-            let overslept = polled.elapsed().saturating_sub(wait);
-            if overslept > STALL_SLACK {
-                deadline += overslept;
-            }
             if n < 0 {
                 if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                     continue;
