@@ -242,6 +242,17 @@ fn holds(c: &mut redis::Connection, p: &str, worker: &str) -> bool {
     llen(c, &format!("{p}:processing:{worker}")) > 0
 }
 
+/// How many deliveries of job `id` have started (the attempts hash); a job
+/// is in a processing list a moment before its delivery is counted.
+fn attempts(c: &mut redis::Connection, p: &str, id: &str) -> u64 {
+    redis::cmd("HGET")
+        .arg(format!("{p}:attempts"))
+        .arg(id)
+        .query::<Option<u64>>(c)
+        .unwrap()
+        .unwrap_or(0)
+}
+
 #[test]
 fn chaos_a_frozen_worker_does_not_win_with_a_stale_verdict() {
     let Some(mut c) = redis() else { return };
@@ -368,8 +379,8 @@ fn chaos_two_workers_started_with_one_id() {
         &p,
         &json!({"id": "t2", "language": "python3", "code": long}),
     );
-    wait_for("A takes t2", Duration::from_secs(10), || {
-        holds(&mut c, &p, &id)
+    wait_for("A starts t2", Duration::from_secs(10), || {
+        holds(&mut c, &p, &id) && attempts(&mut c, &p, "t2") == 1
     });
     a.signal(libc::SIGKILL);
     let killed = Instant::now();
@@ -521,12 +532,13 @@ fn sigterm_while_redis_is_down_ends_at_the_grace_period() {
     let code = w.wait(Duration::from_secs(20));
     let took = asked.elapsed();
     assert_eq!(code, Some(0), "exits cleanly; log:\n{}", w.log());
-    assert!(
-        w.log()
-            .contains("these jobs stay in this worker's processing list"),
-        "{}",
-        w.log()
-    );
+    let stranded = w
+        .log()
+        .lines()
+        .find(|l| l.contains("these jobs stay in this worker's processing list"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no stranded-jobs line:\n{}", w.log()));
+    assert!(stranded.contains("jobs=2"), "both jobs counted: {stranded}");
     println!("drain with Redis down took {took:?} (grace 1.5 s)");
 
     // Nothing is lost: the jobs are in Redis, and the next worker's reaper

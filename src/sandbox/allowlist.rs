@@ -185,8 +185,16 @@ pub const COMMON: &[Entry] = &[
         "close",
         "closing files; also the child's last call before exec",
     ),
+    allow(
+        "clock_gettime",
+        "CPU clocks (time.process_time, process.cpuUsage) are never in the vDSO, and every clock leaves it where the clocksource is hpet or acpi_pm",
+    ),
     allow("epoll_create1", "asyncio's selector and libuv's event loop"),
     allow("epoll_ctl", "asyncio's selector and libuv's event loop"),
+    allow(
+        "epoll_wait",
+        "asyncio's selector; libuv before 1.45 (Node 18, as Debian 12 ships it) waits here, not in epoll_pwait",
+    ),
     allow(
         "exit",
         "a thread ending (Python threads, V8 and libuv workers)",
@@ -236,6 +244,10 @@ pub const COMMON: &[Entry] = &[
     allow(
         "getsockname",
         "asyncio's self-pipe socketpair; Node's socket.address()",
+    ),
+    allow(
+        "gettimeofday",
+        "time.time and Date.now leave the vDSO where the clocksource is hpet or acpi_pm",
     ),
     allow(
         "gettid",
@@ -348,6 +360,10 @@ pub const COMMON: &[Entry] = &[
         "tgkill",
         "abort() on fatal errors (V8 heap exhaustion, os.abort), signal.raise_signal",
     ),
+    allow(
+        "time",
+        "glibc's time() where the vDSO cannot answer (clocksource hpet or acpi_pm)",
+    ),
     allow("times", "os.times: the job's own CPU times"),
     allow(
         "uname",
@@ -362,15 +378,7 @@ pub const COMMON: &[Entry] = &[
 
 /// Only Python needs these.
 pub const PYTHON: &[Entry] = &[
-    allow(
-        "clock_gettime",
-        "time.process_time/thread_time: CPU clocks are not in the vDSO",
-    ),
     allow("clock_nanosleep", "time.sleep"),
-    allow(
-        "epoll_wait",
-        "asyncio's event loop (selectors.EpollSelector)",
-    ),
     allow("fdatasync", "sqlite3 committing to a database file"),
     allow("fsync", "os.fsync on a job file"),
     allow("pwrite64", "sqlite3 writing pages of a database file"),

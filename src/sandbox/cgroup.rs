@@ -202,6 +202,7 @@ pub const WORKER_LEAF: &str = "sandq-worker";
 /// Set up cgroup v2 below this process's own group (see the module doc).
 fn v2(root: &Path, worker_tag: &str) -> Result<Cgroups, CgroupError> {
     let own = own_group(root)?;
+    make_writable(root)?;
     // The real root has no `cgroup.type`; a cgroup namespace's root, a
     // container's view, is an ordinary group and has one.
     let at_real_root = own == root && !root.join("cgroup.type").exists();
@@ -236,6 +237,51 @@ fn v2(root: &Path, worker_tag: &str) -> Result<Cgroups, CgroupError> {
     write(&base.join("cgroup.subtree_control"), "+memory +pids")?;
     let born_in = probe_birth(&base);
     Ok(Cgroups::V2 { base, born_in })
+}
+
+/// Container runtimes (containerd and CRI-O under Kubernetes, Docker, podman
+/// without `--privileged`) mount a private cgroup namespace's tree read-only.
+/// The worker holds CAP_SYS_ADMIN for its jails anyway, so it remounts the
+/// tree read-write, in its own mount namespace only. This widens nothing:
+/// the namespace shows only the container's own subtree, and the kernel
+/// (`nsdelegate`) still refuses writes to the limits of the namespace's
+/// root, which the host set.
+fn make_writable(root: &Path) -> Result<(), CgroupError> {
+    use nix::mount::{mount, MsFlags};
+    use nix::unistd::{access, AccessFlags};
+    match access(root, AccessFlags::W_OK) {
+        Err(nix::errno::Errno::EROFS) => {}
+        _ => return Ok(()),
+    }
+    let keep = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // A remount clears the read-only flag of both the mount and the
+    // superblock; where the runtime made it a read-only bind instead, only
+    // the bind's flag is to clear.
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | keep,
+        None::<&str>,
+    )
+    .or_else(|_| {
+        mount(
+            None::<&str>,
+            root,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | keep,
+            None::<&str>,
+        )
+    })
+    .map_err(|e| {
+        CgroupError::Unavailable(format!(
+            "{} is mounted read-only and cannot be remounted read-write ({e}): \
+                 give the container CAP_SYS_ADMIN, or mount the cgroup tree read-write",
+            root.display()
+        ))
+    })?;
+    tracing::info!(path = %root.display(), "remounted the cgroup tree read-write");
+    Ok(())
 }
 
 /// This process's cgroup v2 group, from `/proc/self/cgroup` (`0::/path`,

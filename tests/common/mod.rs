@@ -30,6 +30,39 @@ pub fn redis() -> Option<redis::Connection> {
     }
 }
 
+/// How much slower than this machine the tests run: `SANDQ_TEST_TIME_SCALE`
+/// (default 1). A slow guest (an emulated VM runs jobs 3-30x slower) sets it,
+/// and every job timeout and every wall-clock bound of the harness is
+/// multiplied by it, so a test judges behaviour, not the host's speed.
+pub fn time_scale() -> f64 {
+    std::env::var("SANDQ_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 1.0)
+        .unwrap_or(1.0)
+}
+
+/// `d` stretched by [`time_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(time_scale())
+}
+
+/// A job's `timeout_ms` (or the worker's default, 5 s) stretched by
+/// [`time_scale`]; jobs are left untouched at scale 1.
+fn scale_job_timeout(job: &Value) -> Value {
+    let scale = time_scale();
+    if scale == 1.0 || !job.is_object() {
+        return job.clone();
+    }
+    let mut job = job.clone();
+    let t = job
+        .get("timeout_ms")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(5000);
+    job["timeout_ms"] = json!((t as f64 * scale) as u64);
+    job
+}
+
 /// A local TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
@@ -120,7 +153,7 @@ impl Worker {
             log: log.clone(),
             cleanup: true,
         };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        if rx.recv_timeout(scaled(Duration::from_secs(30))).is_err() {
             panic!("worker did not start; log:\n{}", log.lock().unwrap());
         }
         worker
@@ -167,7 +200,7 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // SIGTERM first, so the worker removes its cgroups and deregisters.
         self.signal(libc::SIGTERM);
-        if self.wait(Duration::from_secs(5)).is_none() {
+        if self.wait(scaled(Duration::from_secs(5))).is_none() {
             if let Some(c) = self.child.as_mut() {
                 let _ = c.kill();
             }
@@ -196,7 +229,7 @@ pub fn delete_prefix(prefix: &str) {
 pub fn push(conn: &mut redis::Connection, prefix: &str, job: &Value) {
     let _: i64 = redis::cmd("RPUSH")
         .arg(format!("{prefix}:queue"))
-        .arg(job.to_string())
+        .arg(scale_job_timeout(job).to_string())
         .query(conn)
         .unwrap();
 }
@@ -211,6 +244,7 @@ pub fn push_raw(conn: &mut redis::Connection, prefix: &str, raw: &str) {
 
 /// BLPOP the result of `id`.
 pub fn result(conn: &mut redis::Connection, prefix: &str, id: &str, timeout: Duration) -> Value {
+    let timeout = scaled(timeout);
     let r: Option<(String, String)> = redis::cmd("BLPOP")
         .arg(format!("{prefix}:result:{id}"))
         .arg(timeout.as_secs_f64())
