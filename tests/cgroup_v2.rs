@@ -11,6 +11,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const ROOT: &str = "/sys/fs/cgroup";
 
@@ -218,9 +219,14 @@ fn bombs_are_stopped_in_a_private_cgroup_namespace_and_nothing_is_left() {
     if !cgroup_v2() {
         return;
     }
-    let group = ContainerGroup::new("sandq-test-worker");
     let p = prefix("cgroup-v2");
     for pool in ["0", "2"] {
+        // A container of its own each time, as a restarted container gets:
+        // a group that hands controllers down takes no process (v2's "no
+        // internal processes" rule), so the last worker's group is no start.
+        let group = ContainerGroup::new("sandq-test-worker");
+        // The worker's log goes to a file, shown when a job gets no result.
+        let log_path = std::env::temp_dir().join(format!("{p}-pool{pool}.log"));
         let mut worker = group
             .sandq(&[
                 "worker",
@@ -235,8 +241,9 @@ fn bombs_are_stopped_in_a_private_cgroup_namespace_and_nothing_is_left() {
                 "--pool-size",
                 pool,
             ])
+            .env("SANDQ_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()
             .unwrap();
         let cases = [
@@ -257,8 +264,20 @@ fn bombs_are_stopped_in_a_private_cgroup_namespace_and_nothing_is_left() {
                 "ok",
             ),
         ];
-        for (job, status) in cases {
-            let r = run_job(&mut c, &p, job);
+        for (mut job, status) in cases {
+            let id = format!("j-{:016x}", rand::random::<u64>());
+            job["id"] = json!(id);
+            push(&mut c, &p, &job);
+            let r: Option<(String, String)> = redis::cmd("BLPOP")
+                .arg(format!("{p}:result:{id}"))
+                .arg(scaled(Duration::from_secs(60)).as_secs_f64())
+                .query(&mut c)
+                .unwrap();
+            let Some((_, r)) = r else {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("pool {pool}: no result for {job}; worker log:\n{log}");
+            };
+            let r: Value = serde_json::from_str(&r).unwrap();
             assert_status(&r, status);
             if status == "error" {
                 assert!(
@@ -279,6 +298,7 @@ fn bombs_are_stopped_in_a_private_cgroup_namespace_and_nothing_is_left() {
         // Only the leaf the worker moved into is left: no job group, no
         // worker group.
         assert_eq!(group.tree(), ["sandq-worker"], "pool {pool}");
+        let _ = std::fs::remove_file(&log_path);
     }
     delete_prefix(&p);
 }
