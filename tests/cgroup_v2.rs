@@ -71,6 +71,23 @@ impl ContainerGroup {
         cmd
     }
 
+    /// A shell script run in this group's namespace (as a container's init
+    /// would run it), with `$SANDQ` the binary under test.
+    fn shell(&self, script: &str) -> Command {
+        let wrapped = format!(
+            "echo $$ > {}/cgroup.procs && exec unshare --cgroup --mount --propagation private \
+             sh -c 'umount -l /sys/fs/cgroup; mount -t cgroup2 none /sys/fs/cgroup && exec sh -c \"$0\"' \"$0\"",
+            self.0.display()
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(wrapped)
+            .arg(script)
+            .env("SANDQ", BIN)
+            .env_remove("SANDQ_CONFIG");
+        cmd
+    }
+
     /// The groups in it, relative to it.
     fn tree(&self) -> Vec<String> {
         let mut found = Vec::new();
@@ -143,6 +160,29 @@ fn in_a_private_cgroup_namespace_every_layer_is_active() {
         "left behind: {:?}",
         group.tree()
     );
+}
+
+#[test]
+fn two_workers_in_one_container_share_its_group() {
+    if !cgroup_v2() {
+        return;
+    }
+    // Both start at once from the container's init: the first to set up
+    // moves every process (its sibling too) into the leaf; the other must
+    // find its controllers all the same, not nest a leaf of its own.
+    let group = ContainerGroup::new("sandq-test-twins");
+    let out = group
+        .shell("$SANDQ doctor > /tmp/sandq-twin-a.$$ 2>&1 & $SANDQ doctor > /tmp/sandq-twin-b.$$ 2>&1 & wait; cat /tmp/sandq-twin-a.$$; echo ===; cat /tmp/sandq-twin-b.$$; rm -f /tmp/sandq-twin-[ab].$$")
+        .output()
+        .unwrap();
+    let both = text(&out);
+    assert!(out.status.success(), "{both}");
+    let (a, b) = both.split_once("===").expect("two doctor tables");
+    for doctor in [a, b] {
+        assert_cgroup_layers_active(doctor);
+        assert!(!doctor.contains("sandq-worker/sandq-worker"), "{doctor}");
+    }
+    assert_eq!(group.tree(), ["sandq-worker"], "left behind");
 }
 
 #[test]

@@ -245,10 +245,12 @@ fn the_next_job_of_a_uid_finds_its_scratch_empty() {
     // A chain of directories thousands deep (its path far past PATH_MAX),
     // which a recursive clean-up would choke on: emptied too, and the
     // worker lives on.
-    let r = py(
+    // (A generous timeout: 6,000 calls on a loaded host are no test of speed.)
+    let r = run_job(
         &mut c,
         &p,
-        "import os\nos.chdir('/tmp')\nfor _ in range(3000):\n    os.mkdir('d'); os.chdir('d')\nprint(len(os.getcwd()) > 4096)",
+        json!({"code": "import os\nos.chdir('/tmp')\nfor _ in range(3000):\n    os.mkdir('d'); os.chdir('d')\nprint(len(os.getcwd()) > 4096)",
+               "timeout_ms": 30_000}),
     );
     assert_status(&r, "ok");
     assert_eq!(r["stdout"], "True\n");

@@ -707,11 +707,12 @@ fn concurrent_jobs_cannot_see_each_other() {
         "timeout_ms": 10_000,
         "code": format!(
             "import os, time\nopen('/tmp/secret.txt', 'w').write('{secret}')\nprint(os.getuid(), flush=True)\n\
-             time.sleep(3)\nprint(sorted(os.listdir('/tmp')), open('/tmp/secret.txt').read())"
+             time.sleep({})\nprint(sorted(os.listdir('/tmp')), open('/tmp/secret.txt').read())",
+            3.0 * time_scale()
         ),
     });
     push(&mut c, &p, &first);
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(scaled(Duration::from_millis(700)));
     let started = Instant::now();
     let probe = "import os\nprint(os.getuid())\nprint(sorted(os.listdir('/tmp')))\n\
                  found = []\nfor d, dirs, files in os.walk('/'):\n    \
@@ -719,7 +720,7 @@ fn concurrent_jobs_cannot_see_each_other() {
                  print(found)";
     let second = py(&mut c, &p, probe);
     assert!(
-        started.elapsed() < Duration::from_millis(2000),
+        started.elapsed() < scaled(Duration::from_millis(2000)),
         "the probe ran after the first job"
     );
     let first = result(&mut c, &p, s(&first["id"]), Duration::from_secs(20));

@@ -360,7 +360,10 @@ fn nodejs_timeout_and_output_flood() {
     assert_status(&r, "timeout");
     assert_eq!(r["signal"], "SIGKILL");
     assert_eq!(r["error"], "timed out after 1000 ms");
-    assert!(took < Duration::from_secs(2), "result after {took:?}");
+    assert!(
+        took < scaled(Duration::from_secs(2)),
+        "result after {took:?}"
+    );
     assert_still_serves(&mut c, &p);
 
     let r = node(
@@ -697,7 +700,7 @@ fn nodejs_memory_limits_end_cleanly() {
     ] {
         let started = Instant::now();
         let r = node_job(&mut c, &p, code, limits.clone());
-        assert!(started.elapsed() < Duration::from_secs(10), "{r}");
+        assert!(started.elapsed() < scaled(Duration::from_secs(10)), "{r}");
         assert_status(&r, "memory_limit");
         assert_eq!(r["error"], "exceeded the memory limit of 128 MiB");
         assert_eq!(r["stdout"], "");
@@ -722,7 +725,7 @@ fn nodejs_memory_limits_end_cleanly() {
         "const a = [];\nwhile (true) a.push(new Array(1e6).fill(1.5));",
         limits.clone(),
     );
-    assert!(started.elapsed() < Duration::from_secs(10), "{r}");
+    assert!(started.elapsed() < scaled(Duration::from_secs(10)), "{r}");
     assert_status(&r, "memory_limit");
     assert_eq!(r["error"], "exceeded the memory limit of 128 MiB");
     assert_eq!(r["stdout"], "");

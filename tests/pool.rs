@@ -13,7 +13,7 @@ const NODE: &str = "nodejs";
 
 /// The text of /metrics, waiting up to 10 s for the endpoint to listen.
 fn scrape(port: u16) -> String {
-    match http_get_when_up(port, "/metrics", Duration::from_secs(10)) {
+    match http_get_when_up(port, "/metrics", scaled(Duration::from_secs(10))) {
         (200, body) => body,
         (status, body) => panic!("GET /metrics: {status} {body:.200}"),
     }
@@ -122,7 +122,7 @@ impl Pooled {
 
     /// Wait until the pool of `language` is full again; returns its pids.
     fn wait_full(&self, language: &str) -> Vec<i32> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + scaled(Duration::from_secs(20));
         loop {
             let idle = self.idle(language);
             if idle.len() == self.size {
@@ -315,7 +315,10 @@ fn pool_python_warm_path_enforces_limits() {
     assert_status(&r, "timeout");
     assert_eq!(r["signal"], "SIGKILL");
     assert_eq!(r["error"], "timed out after 1000 ms");
-    assert!(took < Duration::from_secs(2), "result after {took:?}");
+    assert!(
+        took < scaled(Duration::from_secs(2)),
+        "result after {took:?}"
+    );
 
     let r = t.warm(json!({"language": PY, "code": "b = bytearray(1024**3)", "memory_mb": 64}));
     assert_status(&r, "memory_limit");
@@ -419,7 +422,10 @@ fn pool_node_warm_path_enforces_limits() {
     assert_status(&r, "timeout");
     assert_eq!(r["signal"], "SIGKILL");
     assert_eq!(r["error"], "timed out after 1000 ms");
-    assert!(took < Duration::from_secs(2), "result after {took:?}");
+    assert!(
+        took < scaled(Duration::from_secs(2)),
+        "result after {took:?}"
+    );
 
     let r = t.warm(json!({
         "language": NODE,
@@ -458,7 +464,7 @@ fn pool_recovers_after_its_interpreters_are_killed() {
         // SAFETY: kill(2) on a pid we just read as the worker's child.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {pid}");
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + scaled(Duration::from_secs(5));
     while !killed.iter().all(|&pid| dead(pid)) {
         assert!(Instant::now() < deadline, "{killed:?} did not die");
         std::thread::sleep(Duration::from_millis(5));
@@ -497,7 +503,7 @@ fn pool_recovers_after_its_interpreters_are_killed() {
     );
 
     // Refilled, with new interpreters, and serving warm again.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
     while t.gauge(PY) != 2.0 || t.gauge(NODE) != 2.0 {
         assert!(Instant::now() < deadline, "pool size gauge not back to 2");
         std::thread::sleep(Duration::from_millis(100));

@@ -16,7 +16,9 @@
 //! process itself, so the worker first moves the processes of its own group
 //! (itself, and in a container its init) into a leaf, `<own>/sandq-worker`,
 //! then enables `+memory +pids` below `<own>`. Only at the hierarchy's real
-//! root, which that rule exempts, does everything stay where it is.
+//! root, which that rule exempts, does everything stay where it is. A worker
+//! that finds itself in such a leaf already (several workers in one
+//! container or unit) uses the leaf's parent as its own group.
 //!
 //! A kill by the memory controller is read back from `oom_kill` in
 //! `memory.events` (v2) or `memory.oom_control` (v1) to report
@@ -201,14 +203,20 @@ pub const WORKER_LEAF: &str = "sandq-worker";
 
 /// Set up cgroup v2 below this process's own group (see the module doc).
 fn v2(root: &Path, worker_tag: &str) -> Result<Cgroups, CgroupError> {
-    let own = own_group(root)?;
+    let mut own = own_group(root)?;
     make_writable(root)?;
+    // A worker already in a leaf (moved there by another worker of the same
+    // container or unit, or started by a process that was) shares that
+    // worker's group: nesting a leaf in the leaf would leave the new level
+    // without controllers.
+    if own.file_name().is_some_and(|n| n == WORKER_LEAF) {
+        if let Some(parent) = own.parent().filter(|p| p.starts_with(root)) {
+            own = parent.to_owned();
+        }
+    }
     // The real root has no `cgroup.type`; a cgroup namespace's root, a
     // container's view, is an ordinary group and has one.
     let at_real_root = own == root && !root.join("cgroup.type").exists();
-    if !at_real_root {
-        take_own_group(&own)?;
-    }
     let wanted = ["memory", "pids"];
     let offered = fs::read_to_string(own.join("cgroup.controllers")).unwrap_or_default();
     let missing: Vec<&str> = wanted
@@ -227,7 +235,11 @@ fn v2(root: &Path, worker_tag: &str) -> Result<Cgroups, CgroupError> {
         )));
     }
     // Each level hands memory and pids to the next one.
-    write(&own.join("cgroup.subtree_control"), "+memory +pids")?;
+    if at_real_root {
+        write(&own.join("cgroup.subtree_control"), "+memory +pids")?;
+    } else {
+        hand_controllers_down(&own)?;
+    }
     let sandq = own.join("sandq");
     fs::create_dir_all(&sandq).map_err(io_err(&sandq))?;
     remove_stale(&sandq);
@@ -304,6 +316,26 @@ fn own_group(root: &Path) -> Result<PathBuf, CgroupError> {
             relative.trim(),
             root.display()
         )))
+    }
+}
+
+/// Empty `own` into its leaf and enable memory and pids for its children.
+/// A process that lands in `own` meanwhile (a sibling started by a process
+/// not yet moved, another worker of the same group starting) makes the
+/// enable fail with EBUSY: empty it again and retry, a bounded number of
+/// times.
+fn hand_controllers_down(own: &Path) -> Result<(), CgroupError> {
+    let control = own.join("cgroup.subtree_control");
+    let mut tries = 0;
+    loop {
+        take_own_group(own)?;
+        match fs::write(&control, "+memory +pids") {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10 * tries));
+            }
+            other => return other.map_err(io_err(&control)),
+        }
     }
 }
 
