@@ -160,12 +160,15 @@ fn check(expect: &Expect, r: &Value, job: &Value) -> Result<(), String> {
         }
         Expect::Timeout => {
             expect_status(r, "timeout")?;
-            let limit = job["timeout_ms"].as_u64().unwrap_or(5000);
+            // The job was pushed with its timeout stretched by the time
+            // scale; so is the slack.
+            let limit = scaled_ms(job["timeout_ms"].as_u64().unwrap_or(5000));
+            let slack = scaled_ms(1500);
             let took = r["duration_ms"].as_u64().unwrap_or(u64::MAX);
-            if r["signal"] != "SIGKILL" || took < limit || took > limit + 1500 {
+            if r["signal"] != "SIGKILL" || took < limit || took > limit + slack {
                 return Err(format!(
                     "expected SIGKILL between {limit} and {} ms",
-                    limit + 1500
+                    limit + slack
                 ));
             }
         }
@@ -482,7 +485,7 @@ fn thread_bomb_stops(r: &Value) -> Result<(), String> {
         return Err("expected RuntimeError: can't start new thread".into());
     }
     // The threads sleep 30 s: the job must end when the main thread fails.
-    if r["duration_ms"].as_u64().unwrap_or(u64::MAX) > 5000 {
+    if r["duration_ms"].as_u64().unwrap_or(u64::MAX) > scaled_ms(5000) {
         return Err("the job hung after the thread limit".into());
     }
     Ok(())

@@ -47,6 +47,12 @@ pub fn scaled(d: Duration) -> Duration {
     d.mul_f64(time_scale())
 }
 
+/// A job's `timeout_ms` of `ms` as the worker sees it: stretched by
+/// [`time_scale`].
+pub fn scaled_ms(ms: u64) -> u64 {
+    (ms as f64 * time_scale()) as u64
+}
+
 /// A job's `timeout_ms` (or the worker's default, 5 s) stretched by
 /// [`time_scale`]; jobs are left untouched at scale 1.
 fn scale_job_timeout(job: &Value) -> Value {
@@ -59,7 +65,7 @@ fn scale_job_timeout(job: &Value) -> Value {
         .get("timeout_ms")
         .and_then(|v| v.as_u64())
         .unwrap_or(5000);
-    job["timeout_ms"] = json!((t as f64 * scale) as u64);
+    job["timeout_ms"] = json!(scaled_ms(t));
     job
 }
 
