@@ -265,6 +265,17 @@ fn make_writable(root: &Path) -> Result<(), CgroupError> {
         Err(nix::errno::Errno::EROFS) => {}
         _ => return Ok(()),
     }
+    // Only a cgroup namespace's root (an ordinary group, so it has a
+    // `cgroup.type`) is a container's private view. The real hierarchy
+    // mounted read-only is the operator's choice, or the host's mount:
+    // leave it alone and say what to do.
+    if !root.join("cgroup.type").exists() {
+        return Err(CgroupError::Unavailable(format!(
+            "{} is mounted read-only: mount it read-write, or give the worker a \
+             cgroup namespace of its own (the container default on cgroup v2)",
+            root.display()
+        )));
+    }
     let keep = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     // A remount clears the read-only flag of both the mount and the
     // superblock; where the runtime made it a read-only bind instead, only
