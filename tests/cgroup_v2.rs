@@ -57,6 +57,20 @@ impl ContainerGroup {
 
     /// The same, sandq run under `wrapper` (a command line prefix).
     fn sandq_under(&self, wrapper: &str, args: &[&str]) -> Command {
+        self.run_under(wrapper, BIN, args)
+    }
+
+    /// A shell script run in this group's namespace (as a container's init
+    /// would run it), with `$SANDQ` the binary under test.
+    fn shell(&self, script: &str) -> Command {
+        let mut cmd = self.run_under("", "sh", &["-c", script]);
+        cmd.env("SANDQ", BIN);
+        cmd
+    }
+
+    /// `program args` run under `wrapper` in this group, in a cgroup
+    /// namespace of its own rooted here.
+    fn run_under(&self, wrapper: &str, program: &str, args: &[&str]) -> Command {
         let script = format!(
             "echo $$ > {}/cgroup.procs && exec unshare --cgroup --mount --propagation private \
              sh -c 'umount -l /sys/fs/cgroup; mount -t cgroup2 none /sys/fs/cgroup && exec {wrapper} \"$0\" \"$@\"' \"$0\" \"$@\"",
@@ -65,25 +79,8 @@ impl ContainerGroup {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(script)
-            .arg(BIN)
+            .arg(program)
             .args(args)
-            .env_remove("SANDQ_CONFIG");
-        cmd
-    }
-
-    /// A shell script run in this group's namespace (as a container's init
-    /// would run it), with `$SANDQ` the binary under test.
-    fn shell(&self, script: &str) -> Command {
-        let wrapped = format!(
-            "echo $$ > {}/cgroup.procs && exec unshare --cgroup --mount --propagation private \
-             sh -c 'umount -l /sys/fs/cgroup; mount -t cgroup2 none /sys/fs/cgroup && exec sh -c \"$0\"' \"$0\"",
-            self.0.display()
-        );
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(wrapped)
-            .arg(script)
-            .env("SANDQ", BIN)
             .env_remove("SANDQ_CONFIG");
         cmd
     }
